@@ -1,0 +1,198 @@
+"""The ``tunelab`` command line. Thin: parse, call one function, print.
+
+Heavy libraries (torch, transformers, TRL) are imported inside the commands that need them,
+so ``tunelab --help`` and recipe errors answer in well under two seconds. A user mistake
+(UserError) prints its problems and exits 2; any other failure prints one line and exits 1
+(set TUNELAB_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunelab.errors import Problem, UserError
+
+app = typer.Typer(help="Fine-tune language models from YAML recipes.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+recipes_app = typer.Typer(help="The shipped recipe library: list, show, copy.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a recipe key: dotted.key=value")]
+
+
+def _fail(exc: BaseException) -> None:
+    if isinstance(exc, UserError):
+        typer.echo(exc.render(), err=True)
+        raise typer.Exit(2)
+    if os.environ.get("TUNELAB_DEBUG"):
+        raise exc
+    typer.echo(f"error: {type(exc).__name__}: {exc}\n(set TUNELAB_DEBUG=1 to see the traceback)", err=True)
+    raise typer.Exit(1)
+
+
+def _guard(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 -- the one place that turns errors into exit codes
+        _fail(exc)
+
+
+@app.command()
+def train(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML (or a run's recipe.lock.yaml, or builtin:NAME)")],
+    set_: SetOpt = None,
+    resume: Annotated[Optional[str], typer.Option(help="auto (last complete checkpoint) or a checkpoint path")] = None,
+) -> None:
+    """Train a recipe: validate everything, then load the model and run."""
+    from tunelab.train import run_training
+
+    _guard(run_training, recipe, set_ or [], resume)
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[str], typer.Argument(help="one or more recipe files")],
+    set_: SetOpt = None,
+) -> None:
+    """Check recipes (schema, data, TRL config) without loading any weights."""
+    from tunelab.recipe.validate import validate as check
+
+    failed = 0
+    for path in recipes:
+        try:
+            _, notes = check(path, set_ or [])
+            for note in notes:
+                typer.echo(f"  note: {note}")
+            typer.echo(f"ok: {path}")
+        except UserError as exc:
+            failed += 1
+            typer.echo(exc.render(), err=True)
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
+    data: Annotated[str, typer.Option(help="data source (file, hub id or builtin:NAME)")],
+    format: Annotated[str, typer.Option(help="messages|sharegpt|alpaca|prompt_completion|text")] = "messages",
+    max_length: Annotated[int, typer.Option()] = 1024,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N rows")] = None,
+    generate: Annotated[bool, typer.Option("--generate", help="also generate and score BLEU/ROUGE-L")] = False,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    top_k: Annotated[Optional[int], typer.Option()] = None,
+    num_beams: Annotated[int, typer.Option()] = 1,
+    samples: Annotated[int, typer.Option(help="how many generations to print")] = 3,
+) -> None:
+    """Perplexity of a model on data; with --generate, samples and BLEU/ROUGE-L."""
+    from tunelab.evaluate import run_eval
+
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams)
+    _guard(run_eval, model, data, format, max_length, batch_size, limit, gen if generate else None, samples)
+
+
+@app.command("generate")
+def generate_(
+    model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
+    prompt: Annotated[str, typer.Argument(help="the user message")],
+    system: Annotated[Optional[str], typer.Option(help="system message")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    top_k: Annotated[Optional[int], typer.Option()] = None,
+    num_beams: Annotated[int, typer.Option()] = 1,
+) -> None:
+    """Generate a reply to PROMPT through the model's chat template."""
+    from tunelab.evaluate import run_generate
+
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams)
+    _guard(run_generate, model, prompt, system, gen)
+
+
+@app.command()
+def merge(
+    source: Annotated[str, typer.Argument(help="a run dir or a LoRA/DoRA adapter dir")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="where to save the merged model")],
+) -> None:
+    """Fold a LoRA/DoRA adapter into its base (W + B A * alpha / r) and save a standalone model."""
+    from tunelab.evaluate import run_merge
+
+    _guard(run_merge, source, output)
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """List the shipped recipes."""
+    from tunelab.recipe.library import list_recipes
+
+    for name, summary in _guard(list_recipes):
+        typer.echo(f"{name:40s} {summary}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="recipe name from `tunelab recipes ls`")]) -> None:
+    """Print a shipped recipe."""
+    from tunelab.recipe.load import resolve_builtin_recipe
+
+    path = _guard(resolve_builtin_recipe, name)
+    typer.echo(path.read_text(encoding="utf-8"), nl=False)
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="recipe name from `tunelab recipes ls`")],
+    dest: Annotated[Path, typer.Argument(help="file or directory to copy it to")],
+) -> None:
+    """Copy a shipped recipe to edit it (its extends: becomes builtin:... so it still resolves)."""
+    from tunelab.recipe.library import copy_recipe
+
+    out = _guard(copy_recipe, name, dest)
+    typer.echo(f"copied to {out}")
+
+
+@app.command()
+def env() -> None:
+    """Library versions and the devices torch sees."""
+    from tunelab.recipe.lock import library_versions
+
+    for k, v in library_versions().items():
+        typer.echo(f"{k:14s} {v}")
+    try:
+        import torch
+
+        typer.echo(f"{'cuda':14s} {torch.cuda.is_available()} ({torch.cuda.device_count()} devices)")
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            typer.echo(f"  cuda:{i}      {p.name}, {p.total_memory / 2**30:.1f} GiB, bf16 "
+                       f"{torch.cuda.is_bf16_supported()}")
+        typer.echo(f"{'cpu threads':14s} {torch.get_num_threads()}")
+    except ImportError:
+        typer.echo("torch          not installed")
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except UserError as exc:  # pragma: no cover - commands catch their own
+        typer.echo(exc.render(), err=True)
+        sys.exit(2)
+
+
+__all__ = ["app", "main", "Problem"]

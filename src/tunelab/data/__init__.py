@@ -1,0 +1,1 @@
+"""Data: sources (files, hub, bundled) -> canonical rows (formats) -> token ids and loss masks."""

@@ -1,0 +1,134 @@
+"""Row formats -> canonical rows.
+
+Canonical SFT rows are one of:
+  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  {"prompt": str, "completion": str}      (plain text, no chat template)
+  {"text": str}                            (language modelling, loss on every token)
+
+A row that cannot be converted raises ``BadRow`` with the reason; the caller adds file and
+row number and either stops or counts and skips it (``data.on_bad_row``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_FIELDS = {"messages": "conversations", "role": "from", "content": "value"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "model": "assistant", "bot": "assistant"}
+# the columns each format needs (canonical names, before the field map)
+REQUIRED_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
+class BadRow(ValueError):
+    """A row that does not fit its format (missing field, unknown role, empty response...)."""
+
+
+def _field(row: dict[str, Any], name: str, field_map: dict[str, str], required: bool = True) -> Any:
+    col = field_map.get(name, name)
+    if col not in row or row[col] is None:
+        if required:
+            cols = ", ".join(map(str, row)) if row else "none"
+            raise BadRow(f"missing field {col!r} (columns: {cols}); map it with field_map: {{{name}: <column>}}")
+        return None
+    return row[col]
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRow(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any, src: Any, fmt: str) -> list[dict[str, str]]:
+    fm = {**(SHAREGPT_FIELDS if fmt == "sharegpt" else {}), **src.field_map}
+    role_map = {**(SHAREGPT_ROLES if fmt == "sharegpt" else {}), **src.role_map}
+    role_key, content_key = fm.get("role", "role"), fm.get("content", "content")
+    if not isinstance(value, list) or not value:
+        raise BadRow("messages must be a non-empty list of {role, content}")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise BadRow(f"message {i} is not a mapping")
+        if role_key not in msg:
+            raise BadRow(f"message {i} has no {role_key!r}")
+        if content_key not in msg:
+            raise BadRow(f"message {i} has no {content_key!r}")
+        role = role_map.get(msg[role_key], msg[role_key])
+        if role not in ROLES:
+            known = sorted(set(ROLES) | set(role_map))
+            raise BadRow(f"message {i} has unknown role {msg[role_key]!r} (known: {', '.join(known)}; "
+                         "map others with role_map)")
+        content = msg[content_key]
+        if not isinstance(content, str):
+            raise BadRow(f"message {i} content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _check_conversation(messages: list[dict[str, str]]) -> None:
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        raise BadRow("conversation has no assistant message")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise BadRow(f"message {i} (assistant) is empty")
+        if m["role"] == "system" and i != 0:
+            raise BadRow(f"message {i}: a system message must come first")
+
+
+def to_canonical(row: Any, src: Any) -> dict[str, Any]:
+    """Convert one row of ``src.format`` into a canonical SFT row; raise BadRow if it cannot."""
+    if not isinstance(row, dict):
+        raise BadRow(f"a row must be a mapping, got {type(row).__name__}")
+    fmt, fm = src.format, src.field_map
+    if fmt in ("messages", "sharegpt"):
+        col = fm.get("messages", SHAREGPT_FIELDS["messages"] if fmt == "sharegpt" and "messages" not in row else "messages")
+        if col not in row:
+            cols = ", ".join(map(str, row)) if row else "none"
+            raise BadRow(f"missing field {col!r} (columns: {cols}); map it with field_map: {{messages: <column>}}")
+        messages = _messages(row[col], src, fmt)
+        if src.system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": src.system})
+        _check_conversation(messages)
+        return {"messages": messages}
+    if fmt == "alpaca":
+        instruction = _text(_field(row, "instruction", fm), "instruction")
+        extra = _field(row, "input", fm, required=False)
+        output = _text(_field(row, "output", fm), "output")
+        system = _field(row, "system", fm, required=False) or src.system
+        user = instruction if not extra else f"{instruction}\n\n{_text(extra, 'input')}"
+        if not user.strip():
+            raise BadRow("instruction is empty")
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        _check_conversation(messages)
+        return {"messages": messages}
+    if fmt == "prompt_completion":
+        prompt, completion = _field(row, "prompt", fm), _field(row, "completion", fm)
+        if isinstance(prompt, list):  # conversational prompt-completion
+            messages = _messages(prompt, src, "messages")
+            tail = _messages(completion, src, "messages") if isinstance(completion, list) else [
+                {"role": "assistant", "content": _text(completion, "completion")}]
+            messages += tail
+            _check_conversation(messages)
+            return {"messages": messages}
+        prompt, completion = _text(prompt, "prompt"), _text(completion, "completion")
+        if not completion.strip():
+            raise BadRow("completion is empty")
+        if not prompt.strip():
+            raise BadRow("prompt is empty")
+        return {"prompt": prompt, "completion": completion}
+    if fmt == "text":
+        text = _text(_field(row, "text", fm), "text")
+        if not text.strip():
+            raise BadRow("text is empty")
+        return {"text": text}
+    raise BadRow(f"unknown format {fmt!r}")  # the schema rules this out

@@ -1,0 +1,220 @@
+"""Build the training and eval datasets of a recipe, and check its data without loading a model.
+
+Every row is converted (formats), tokenized (tokenize) and measured against ``max_length``.
+Rows that overflow are truncated, dropped or reported as errors as the recipe says; bad rows
+stop the run with file and row, or are counted and skipped. The counts go into a
+``DataReport`` that is printed and saved in the run directory: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tunelab.data.formats import REQUIRED_FIELDS, BadRow, to_canonical
+from tunelab.data.sources import fingerprint, iter_rows, resolve_source
+from tunelab.data.tokenize import IGNORE, encode_row
+from tunelab.errors import DataError, Problem
+
+
+@dataclass
+class SourceReport:
+    """What happened to the rows of one source."""
+
+    source: str
+    rows: int = 0
+    used: int = 0
+    truncated: int = 0
+    dropped_overflow: int = 0
+    dropped_no_labels: int = 0
+    skipped_bad: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    tokens: int = 0
+    label_tokens: int = 0
+    max_tokens: int = 0
+
+
+@dataclass
+class DataReport:
+    """Per-source counts for train and eval, written to ``data_report.json`` in the run dir."""
+
+    max_length: int
+    on_overflow: str
+    train: list[SourceReport] = field(default_factory=list)
+    eval: list[SourceReport] = field(default_factory=list)
+    train_rows: int = 0
+    eval_rows: int = 0
+
+    def lines(self) -> list[str]:
+        out = []
+        for split, reports in (("train", self.train), ("eval", self.eval)):
+            for r in reports:
+                out.append(
+                    f"{split} {r.source}: {r.rows} rows -> {r.used} used; truncated {r.truncated}, dropped "
+                    f"{r.dropped_overflow} over max_length={self.max_length}, {r.dropped_no_labels} with no "
+                    f"response tokens, skipped {r.skipped_bad} bad; {r.tokens} tokens ({r.label_tokens} trained), "
+                    f"longest {r.max_tokens}"
+                )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encode_source(src: Any, key: str, tokenizer: Any, data_spec: Any) -> tuple[list[dict[str, list[int]]], SourceReport]:
+    """Read, convert and tokenize one source, applying the overflow and bad-row rules."""
+    resolved = resolve_source(src.source, key)
+    report = SourceReport(source=resolved.label)
+    examples: list[dict[str, list[int]]] = []
+    max_len = data_spec.max_length
+    for rowno, row in iter_rows(src, resolved):
+        report.rows += 1
+        where = f"{resolved.label} row {rowno}"
+        try:
+            canonical = to_canonical(row, src)
+        except BadRow as exc:
+            if data_spec.on_bad_row == "error":
+                raise DataError(Problem(where, str(exc), "fix the row, or set data.on_bad_row: skip")) from None
+            report.skipped_bad += 1
+            if len(report.bad_examples) < 5:
+                report.bad_examples.append(f"{where}: {exc}")
+            continue
+        ids, labels = encode_row(tokenizer, canonical, data_spec.train_on_prompt)
+        report.max_tokens = max(report.max_tokens, len(ids))
+        if len(ids) > max_len:
+            if data_spec.on_overflow == "error":
+                raise DataError(Problem(where, f"{len(ids)} tokens, more than data.max_length={max_len}",
+                                        "raise data.max_length, or set data.on_overflow: truncate or drop"))
+            if data_spec.on_overflow == "drop":
+                report.dropped_overflow += 1
+                continue
+            ids, labels = ids[:max_len], labels[:max_len]
+            report.truncated += 1
+        if all(t == IGNORE for t in labels[1:]):
+            report.dropped_no_labels += 1
+            continue
+        report.used += 1
+        report.tokens += len(ids)
+        report.label_tokens += sum(t != IGNORE for t in labels[1:])
+        examples.append({"input_ids": ids, "labels": labels})
+    if report.rows == 0:
+        raise DataError(Problem(key, f"{resolved.label} has no rows"))
+    if report.used == 0:
+        raise DataError(Problem(key, f"no usable rows in {resolved.label}", "; ".join(report.bad_examples[:2])
+                                or f"all {report.rows} rows were dropped (see data.max_length / on_overflow)"))
+    return examples, report
+
+
+def mix(parts: list[list[dict[str, Any]]], sources: list[Any], seed: int) -> list[dict[str, Any]]:
+    """Combine sources: ``samples: N`` takes exactly N rows; ``weight`` shares the weighted sources' total.
+
+    Rows are drawn without replacement while they last, then repeated (deterministic, seeded).
+    Sources with neither are taken whole.
+    """
+    rng = random.Random(seed)
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    total_weighted = sum(len(parts[i]) for i in weighted)
+    weight_sum = sum(sources[i].weight for i in weighted)
+    out: list[dict[str, Any]] = []
+    for i, (rows, src) in enumerate(zip(parts, sources)):
+        if src.samples is not None:
+            n = src.samples
+        elif src.weight is not None:
+            n = max(1, round(total_weighted * src.weight / weight_sum))
+        else:
+            out.extend(rows)
+            continue
+        order: list[int] = []
+        while len(order) < n:
+            block = list(range(len(rows)))
+            rng.shuffle(block)
+            order.extend(block)
+        out.extend(rows[j] for j in order[:n])
+    return out
+
+
+def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
+    """(train Dataset, eval Dataset or None, report) with columns input_ids and labels."""
+    from datasets import Dataset
+
+    d = recipe.data
+    report = DataReport(max_length=d.max_length, on_overflow=d.on_overflow)
+    parts = []
+    for i, src in enumerate(d.train):
+        rows, r = encode_source(src, f"data.train[{i}].source", tokenizer, d)
+        parts.append(rows)
+        report.train.append(r)
+    train = mix(parts, d.train, d.seed)
+    eval_parts = []
+    for i, src in enumerate(d.eval):
+        rows, r = encode_source(src, f"data.eval[{i}].source", tokenizer, d)
+        eval_parts.append(rows)
+        report.eval.append(r)
+    eval_rows = mix(eval_parts, d.eval, d.seed)
+    if not d.eval and d.eval_split > 0:
+        rng = random.Random(d.seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_eval = max(1, int(len(train) * d.eval_split))
+        held = set(order[:n_eval])
+        eval_rows = [train[j] for j in sorted(held)]
+        train = [row for j, row in enumerate(train) if j not in held]
+    report.train_rows, report.eval_rows = len(train), len(eval_rows)
+
+    def to_ds(rows: list[dict[str, Any]]) -> Any:
+        return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+
+    return to_ds(train), (to_ds(eval_rows) if eval_rows else None), report
+
+
+def data_fingerprints(recipe: Any) -> list[dict[str, Any]]:
+    """Fingerprints of every train and eval source, for the lock file."""
+    out = []
+    for split, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        for i, src in enumerate(sources):
+            resolved = resolve_source(src.source, f"data.{split}[{i}].source")
+            out.append({"split": split, **fingerprint(src, resolved)})
+    return out
+
+
+def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None) -> tuple[list[Problem], list[str]]:
+    """Resolve every source and convert its first rows; (problems, notes). No model, no tokenizer.
+
+    A hub dataset that cannot be reached offline is a note, not a problem: validate runs on
+    machines without hub access (CI), and training will load it where the hub is reachable.
+    """
+    import os
+
+    problems: list[Problem] = []
+    notes: list[str] = []
+    for split in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, split)):
+            key = f"data.{split}[{i}]"
+            if accepted_formats is not None and src.format not in accepted_formats:
+                problems.append(Problem(f"{key}.format", f"format {src.format!r} does not fit method "
+                                        f"{recipe.method.name!r}", "use one of: " + ", ".join(accepted_formats)))
+                continue
+            try:
+                resolved = resolve_source(src.source, f"{key}.source")
+                if not resolved.is_local and (os.environ.get("HF_HUB_OFFLINE") == "1"
+                                              or os.environ.get("HF_DATASETS_OFFLINE") == "1"):
+                    notes.append(f"{key}.source: hub dataset {resolved.hub_id!r} not checked (offline)")
+                    continue
+                n = 0
+                for rowno, row in iter_rows(src, resolved, limit=first_rows):
+                    n += 1
+                    try:
+                        to_canonical(row, src)
+                    except BadRow as exc:
+                        if recipe.data.on_bad_row == "error":
+                            problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),
+                                                    f"format is {src.format!r}; fix the data, the format or field_map"))
+                if n == 0:
+                    problems.append(Problem(f"{key}.source", f"{resolved.label} has no rows"))
+            except DataError as exc:
+                problems.extend(exc.problems)
+    return problems, notes
+
+
+__all__ = ["DataReport", "REQUIRED_FIELDS", "build_datasets", "check_data", "data_fingerprints", "encode_source"]

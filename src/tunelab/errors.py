@@ -1,0 +1,56 @@
+"""Errors a user can fix: they print as a list of problems and exit with code 2, never a traceback.
+
+Runtime failures (a crash inside torch, a full disk) are not UserErrors: they exit 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the input: where (dotted key, file:row), what, and how to fix it."""
+
+    where: str
+    what: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class UserError(Exception):
+    """A mistake in a recipe, an override, a data file or a command line. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Problem | str | Iterable[Problem], title: str = "") -> None:
+        if isinstance(problems, (Problem, str)):
+            problems = [problems]
+        self.problems = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
+        self.title = title
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        head = self.title or ("error" if len(self.problems) == 1 else f"{len(self.problems)} errors")
+        if len(self.problems) == 1 and not self.title:
+            return f"error: {self.problems[0]}"
+        return head + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class RecipeError(UserError):
+    """Problems found in a recipe before any weights load."""
+
+
+class DataError(UserError):
+    """A data file, row or column is wrong; the message names the file and the row."""
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like ``word`` (for 'did you mean' hints), or None if nothing is close."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return match[0] if match else None

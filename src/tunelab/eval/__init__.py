@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, generation with BLEU/ROUGE-L."""

@@ -1,0 +1,53 @@
+"""Perplexity: exp of the mean negative log-likelihood over every trained token of a dataset.
+
+Token-weighted over the whole dataset (not a mean of per-batch means), with the usual shift:
+the logit at position t scores the label at t+1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+IGNORE = -100
+
+
+def token_nll(model: Any, input_ids: Any, labels: Any, attention_mask: Any) -> tuple[float, int]:
+    """(sum of NLL, number of scored tokens) for one padded batch."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, -input_ids.shape[1] :, :]  # prompt tuning prepends virtual-token logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=IGNORE, reduction="sum")
+    return float(nll), int((shift_labels != IGNORE).sum().item()) if torch.is_tensor(shift_labels) else 0
+
+
+def perplexity(model: Any, dataset: Any, batch_size: int = 8, pad_id: int = 0) -> dict[str, float]:
+    """{"perplexity", "nll", "tokens"} of ``model`` over rows with input_ids and labels."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    rows = [dataset[i] for i in range(len(dataset))]
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[j, :n] = torch.tensor(r["input_ids"])
+                labels[j, :n] = torch.tensor(r["labels"])
+                mask[j, :n] = 1
+            s, c = token_nll(model, ids.to(device), labels.to(device), mask.to(device))
+            total += s
+            count += c
+    mean = total / max(count, 1)
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": count}

@@ -1,0 +1,22 @@
+"""The METHODS registry: recipe ``method.name`` -> the pydantic block of that method.
+
+Each method lives in one module that holds its recipe block (a pydantic model, imported here,
+so it must not import torch at module level) and its ``build_trainer`` / ``trl_config``
+functions (heavy imports inside). ``method_module(spec)`` finds the module of a block.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from pydantic import BaseModel
+
+from tunelab.methods.sft import SFTMethod
+
+METHODS: dict[str, type[BaseModel]] = {"sft": SFTMethod}
+
+
+def method_module(spec: BaseModel) -> ModuleType:
+    """The module that trains a method block (``build_trainer``, ``trl_config``)."""
+    return importlib.import_module(type(spec).__module__)

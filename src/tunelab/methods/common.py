@@ -1,0 +1,98 @@
+"""What every method's trainer shares: TrainingArguments from the recipe, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 on a GPU that supports it, else fp32 (CPU bf16 autocast is slow and lossy)."""
+    if precision != "auto":
+        return precision
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+    except ImportError:  # pragma: no cover
+        pass
+    return "fp32"
+
+
+def training_arguments(recipe: "Recipe") -> dict[str, Any]:
+    """TrainingArguments fields filled from ``recipe.train`` and ``recipe.model`` (one source of truth)."""
+    t = recipe.train
+    precision = resolve_precision(t.precision)
+    has_eval = bool(recipe.data.eval) or recipe.data.eval_split > 0
+    report_to = [r for r in t.report_to if r != "none"]
+    return dict(
+        output_dir=t.output_dir,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps,
+        report_to=report_to or "none",
+        logging_dir=str(Path(t.output_dir) / "tensorboard"),
+        dataloader_num_workers=t.num_workers,
+        disable_tqdm=False,
+        save_only_model=False,
+        remove_unused_columns=True,
+    )
+
+
+def atomic_checkpoints(trainer_cls: type) -> type:
+    """A subclass of ``trainer_cls`` whose checkpoints appear whole or not at all.
+
+    Each checkpoint is written under ``output_dir/.staging/`` and renamed into place when
+    complete (a rename is atomic on one filesystem), so a run killed mid-save never leaves a
+    half checkpoint that ``--resume auto`` would pick up.
+    """
+
+    class AtomicCheckpointTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            real_dir = self._get_output_dir(trial=trial)
+            staging = os.path.join(real_dir, ".staging")
+            original = self._get_output_dir
+            self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._get_output_dir = original  # type: ignore[method-assign]
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                name = f"checkpoint-{self.state.global_step}"
+                target = os.path.join(real_dir, name)
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, name), target)
+                shutil.rmtree(staging, ignore_errors=True)
+                self._rotate_checkpoints(use_mtime=False, output_dir=real_dir)
+            self.accelerator.wait_for_everyone()
+
+    AtomicCheckpointTrainer.__name__ = f"Atomic{trainer_cls.__name__}"
+    return AtomicCheckpointTrainer

@@ -1,0 +1,1 @@
+"""Models: loading (hub id, local dir, builtin tiny models), quantization and PEFT wrapping."""

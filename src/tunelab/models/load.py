@@ -1,0 +1,102 @@
+"""Load a model and tokenizer from a hub id, a local directory or ``builtin:tiny-*``.
+
+``trust_remote_code`` only ever comes from the recipe; weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import Problem, UserError
+from tunelab.models.builtin import builtin_model, builtin_tokenizer
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def attn_problems(spec: Any) -> list[Problem]:
+    """Check the attention implementation can run here (before any weights load)."""
+    if spec.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            return [Problem("model.attn_implementation", "flash_attention_2 needs the flash-attn package",
+                            "pip install 'tunelab[gpu]' on a CUDA machine, or use sdpa")]
+        import torch
+
+        if not torch.cuda.is_available():
+            return [Problem("model.attn_implementation", "flash_attention_2 needs a CUDA GPU", "use sdpa on CPU")]
+    return []
+
+
+def resolve_dtype(spec: Any, full_finetune: bool) -> Any:
+    """auto: bf16 weights on a bf16 GPU for PEFT (fp32 master weights for full fine-tuning), fp32 on CPU."""
+    import torch
+
+    if spec.dtype != "auto":
+        return getattr(torch, DTYPES[spec.dtype])
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not full_finetune:
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(spec: Any) -> Any:
+    """The tokenizer, with a pad token (the eos token if the model has none)."""
+    if spec.path.startswith("builtin:"):
+        return builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except OSError as exc:
+        raise UserError(Problem("model.path", f"cannot load tokenizer from {spec.path!r}: {exc}"[:500],
+                                "check the hub id or directory (offline machines need a local copy)")) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def bnb_config(q: Any) -> Any:
+    """A BitsAndBytesConfig from a recipe quantization block."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(Problem("peft.quantization", "quantization needs bitsandbytes", "pip install 'tunelab[quant]'"))
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+    )
+
+
+def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True) -> Any:
+    """The causal LM of ``spec`` (quantized when a quantization block is given)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(spec, full_finetune)
+    if spec.path.startswith("builtin:"):
+        name = spec.path[len("builtin:") :]
+        model = builtin_model(name, dtype=dtype, attn_implementation=spec.attn_implementation)
+        if quantization is None:
+            return model
+        # quantization happens at load time: go through a saved copy like any local checkpoint
+        tmp = Path(tempfile.mkdtemp(prefix="tunelab-builtin-"))
+        model.save_pretrained(tmp)
+        path, revision, remote = str(tmp), None, False
+    else:
+        path, revision, remote = spec.path, spec.revision, spec.trust_remote_code
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
+                                  trust_remote_code=remote, use_safetensors=True)
+    if revision:
+        kwargs["revision"] = revision
+    if quantization is not None:
+        kwargs["quantization_config"] = bnb_config(quantization)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise UserError(Problem("model.path", f"cannot load model from {spec.path!r}: {exc}"[:500],
+                                "check the hub id or directory; only safetensors weights are loaded")) from None

@@ -1,0 +1,1 @@
+"""Recipes: the YAML schema, loading (extends, --set, ${env:...}) and lock files."""

@@ -1,0 +1,214 @@
+"""The recipe schema: pydantic models with ``extra="forbid"`` at every level.
+
+This module imports no torch, transformers or TRL, so a broken recipe is reported in well
+under a second. Method blocks come from the ``METHODS`` registry and patch blocks from
+``PATCHES``: both are discriminated unions keyed by the name a recipe uses.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tunelab.methods import METHODS
+from tunelab.patches import PATCHES
+
+
+class Strict(BaseModel):
+    """Base for every recipe block: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def registry_union(registry: dict[str, type[BaseModel]], key: str, what: str) -> Any:
+    """A discriminated union over a registry's models, or a model that rejects every entry if empty."""
+    if registry:
+        return Annotated[Union[tuple(registry.values())], Field(discriminator=key)]  # noqa: UP007
+
+    class _NoneRegistered(Strict):
+        model_config = ConfigDict(extra="allow")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _reject(cls, data: Any) -> Any:
+            name = data.get(key) if isinstance(data, dict) else data
+            raise ValueError(f"unknown {what} {name!r}: no {what}s are available in this version")
+
+    return _NoneRegistered
+
+
+class QuantizationSpec(Strict):
+    """bitsandbytes quantization of the frozen base weights (QLoRA)."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the quantization constants too")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class ModelSpec(Strict):
+    """Which model to load and how."""
+
+    path: str = Field(description="hub id, local directory, or builtin:tiny-llama|tiny-qwen2|tiny-mistral")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU"
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="run code shipped with the model; only ever from the recipe")
+    quantization: QuantizationSpec | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _builtin_known(cls, v: str) -> str:
+        from tunelab.models.builtin import BUILTIN_MODELS
+
+        if v.startswith("builtin:") and v[len("builtin:") :] not in BUILTIN_MODELS:
+            known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+            raise ValueError(f"unknown built-in model {v!r}; known: {known}")
+        if not v.strip():
+            raise ValueError("model path is empty")
+        return v
+
+
+class LoraSpec(Strict):
+    """LoRA (Hu et al. 2021): W + B A * alpha / r with B zero-initialised. DoRA adds a magnitude vector."""
+
+    method: Literal["lora", "dora", "qlora"]
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"  # noqa: UP007
+    use_rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    quantization: QuantizationSpec | None = Field(
+        None, description="qlora only: how to quantize the base (default 4-bit nf4, double quant)"
+    )
+
+    @model_validator(mode="after")
+    def _quant_only_for_qlora(self) -> "LoraSpec":
+        if self.quantization is not None and self.method != "qlora":
+            raise ValueError("peft.quantization is only for method: qlora (or set model.quantization)")
+        return self
+
+
+class PrefixSpec(Strict):
+    """Prefix tuning (Li & Liang 2021): trained key/value prefixes at every layer."""
+
+    method: Literal["prefix"]
+    num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    prefix_projection: bool = False
+
+
+class PromptSpec(Strict):
+    """Prompt tuning (Lester et al. 2021): trained soft-prompt embeddings before the input."""
+
+    method: Literal["prompt"]
+    num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    init_text: str | None = Field(None, description="initialise the soft prompt from this text's embeddings")
+
+
+PeftSpec = Annotated[Union[LoraSpec, PrefixSpec, PromptSpec], Field(discriminator="method")]  # noqa: UP007
+
+
+class DataSource(Strict):
+    """One dataset: a local file, a hub dataset or a bundled one, in one of the known formats."""
+
+    source: str = Field(description="path to .jsonl/.json/.parquet/.csv, a hub dataset id, or builtin:NAME")
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "messages"
+    split: str = "train"
+    config: str | None = Field(None, description="hub dataset configuration name")
+    revision: str | None = None
+    field_map: dict[str, str] = Field(
+        default_factory=dict, description="canonical field -> column name in this dataset, e.g. {messages: conversations}"
+    )
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict, description="role name in the data -> system|user|assistant (sharegpt: human->user, gpt->assistant)"
+    )
+    system: str | None = Field(None, description="system prompt added to rows that have none")
+    weight: float | None = Field(None, gt=0, description="share of the mixture (relative to the other weights)")
+    samples: int | None = Field(None, ge=1, description="exact number of rows to take (repeats rows if larger)")
+
+    @model_validator(mode="after")
+    def _weight_xor_samples(self) -> "DataSource":
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("set either weight or samples for a source, not both")
+        return self
+
+
+class DataSpec(Strict):
+    """Training and evaluation data, how long a row may be and what happens to bad rows."""
+
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = Field(default_factory=list)
+    eval_split: float = Field(0.0, ge=0, lt=1, description="hold out this fraction of train for eval when eval is empty")
+    max_length: int = Field(1024, ge=8, le=1_048_576)
+    on_overflow: Literal["truncate", "drop", "error"] = "drop"
+    on_bad_row: Literal["error", "skip"] = "error"
+    train_on_prompt: bool = Field(False, description="also put loss on user/system/prompt tokens")
+    packing: bool = Field(True, description="best-fit packing, padding-free, without cross-example attention")
+    seed: int = 42
+
+
+class TrainSpec(Strict):
+    """The optimisation loop: shared by every method."""
+
+    output_dir: str = "runs/run"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run for `epochs`")
+    learning_rate: float = Field(2.0e-5, gt=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optim: str = "adamw_torch"
+    batch_size: int = Field(8, ge=1, description="per-device micro batch")
+    grad_accum: int = Field(1, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 mixed precision on a GPU that supports it, fp32 on CPU"
+    )
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end only)")
+    eval_before_train: bool = Field(False, description="also measure eval perplexity of the starting model")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+    num_workers: int = Field(0, ge=0)
+
+
+class DistributedSpec(Strict):
+    """How training is spread over processes. This version runs `none` and `ddp`."""
+
+    strategy: Literal["none", "ddp"] = "none"
+
+
+MethodSpec = registry_union(METHODS, "name", "method")
+PatchSpec = registry_union(PATCHES, "name", "patch")
+
+
+class Recipe(Strict):
+    """A whole recipe: model, optional patches and PEFT, data, method, training loop, distribution."""
+
+    model: ModelSpec
+    patches: list[PatchSpec] = Field(default_factory=list)  # type: ignore[valid-type]
+    peft: PeftSpec | None = None  # type: ignore[valid-type]
+    data: DataSpec
+    method: MethodSpec  # type: ignore[valid-type]
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        problems = []
+        if self.peft is not None and getattr(self.peft, "method", "") == "qlora" and self.model.quantization:
+            problems.append("set quantization in peft (qlora) or in model, not both")
+        if self.model.quantization and self.peft is None:
+            problems.append("a quantized model cannot be fully fine-tuned; add a peft block (e.g. method: qlora)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -1,0 +1,72 @@
+"""``tunelab validate``: everything that can be checked without loading weights.
+
+1. schema (load.py: YAML, extends, overrides, pydantic) -- no torch import;
+2. data: every source resolves and its first rows convert to the method's format;
+3. the method's TRL config object is constructed from the recipe (catches a bad ``method.trl``);
+4. the attention implementation can run on this machine.
+All problems are collected and raised together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import Problem, RecipeError, closest
+from tunelab.recipe.load import LoadedRecipe, load_recipe
+
+
+def trl_problems(loaded: LoadedRecipe) -> list[Problem]:
+    """Build the method's TRL config the way training will, and report what it rejects."""
+    from tunelab.methods import method_module
+
+    recipe = loaded.recipe
+    module = method_module(recipe.method)
+    trl = getattr(recipe.method, "trl", {}) or {}
+    problems = []
+    owned = getattr(module, "OWNED_TRL_FIELDS", set())
+    for key in trl:
+        if key in owned:
+            problems.append(Problem(f"method.trl.{key}", "is set by tunelab from the recipe",
+                                    "use the recipe's own key (train.*, data.*, model.*) instead"))
+    if problems:
+        return problems
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            module.trl_config(recipe, output_dir=tmp, report_to="none", logging_dir=None)
+    except TypeError as exc:
+        msg = str(exc)
+        if "unexpected keyword argument" in msg and "'" in msg:
+            bad = msg.split("'")[1]
+            names = [f.name for f in dataclasses.fields(module.trl_config_class())]
+            guess = closest(bad, names)
+            problems.append(Problem(f"method.trl.{bad}", "unknown TRL config field",
+                                    f"did you mean '{guess}'?" if guess else "see the TRL config docs"))
+        else:
+            problems.append(Problem("method.trl", msg))
+    except ValueError as exc:
+        problems.append(Problem("method.trl", f"TRL rejects the config: {exc}"))
+    return problems
+
+
+def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[LoadedRecipe, list[str]]:
+    """Fully check a recipe without loading weights; (loaded recipe, notes) or RecipeError."""
+    loaded = load_recipe(path, overrides)  # raises on schema problems, before heavy imports
+    from tunelab.data.pipeline import check_data
+    from tunelab.methods import method_module
+
+    module = method_module(loaded.recipe.method)
+    formats = getattr(module, "ACCEPTED_FORMATS", None)
+    problems, notes = check_data(loaded.recipe, accepted_formats=formats)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    problems += trl_problems(loaded)
+    from tunelab.models.load import attn_problems
+
+    problems += attn_problems(loaded.recipe.model)
+    if problems:
+        raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+    return loaded, notes

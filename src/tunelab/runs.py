@@ -1,0 +1,127 @@
+"""The run directory: lock file, metrics.jsonl, data report, plots, checkpoints, final/.
+
+    output_dir/
+      recipe.lock.yaml   metrics.jsonl   data_report.json   summary.json
+      checkpoint-N/      (written under .staging/, then renamed: never half-written)
+      final/             (HF format or a PEFT adapter, with the tokenizer)
+      tensorboard/       plots/loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class RunDir:
+    """Paths of one run's output directory."""
+
+    root: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "recipe.lock.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def data_report(self) -> Path:
+        return self.root / "data_report.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (incomplete ones live in .staging/ and are ignored)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def last_checkpoint(self) -> Path | None:
+        cps = self.checkpoints()
+        return cps[-1] if cps else None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def metrics_callback(run: RunDir) -> Any:
+    """A TrainerCallback that appends every log line to metrics.jsonl (main process only).
+
+    On resume, lines past the checkpoint's step are dropped first, so the file describes one
+    continuous run.
+    """
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero and run.metrics.is_file():
+                kept = [m for m in run.read_metrics() if m.get("step", 0) <= state.global_step]
+                run.metrics.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with run.metrics.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    return MetricsJsonl()
+
+
+def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean training loss over the first and last 10% of logged steps."""
+    losses = [m["loss"] for m in metrics if "loss" in m and "eval_loss" not in m]
+    if len(losses) < 2:
+        return None
+    k = max(1, len(losses) // 10)
+    return {"first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k, "logged_steps": len(losses)}
+
+
+def plot_metrics(run: RunDir) -> Path | None:
+    """plots/loss.png: training loss (and eval loss) against the step."""
+    metrics = run.read_metrics()
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run.plots.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(*zip(*train), label="train loss")
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(run.root.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run.plots / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

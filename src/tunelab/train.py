@@ -1,0 +1,141 @@
+"""``tunelab train``: validate -> data -> lock -> model -> patches -> PEFT -> trainer -> final/.
+
+Every recipe and data error surfaces before a weight is loaded. The run directory layout is
+described in ``tunelab.runs``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import Problem, UserError
+from tunelab.runs import RunDir, loss_summary, metrics_callback, plot_metrics
+
+
+def _say(msg: str) -> None:
+    print(f"[tunelab] {msg}", flush=True)
+
+
+def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``auto`` = the last complete one (or none), or a path."""
+    if resume is None:
+        if run.final.exists() or run.checkpoints():
+            raise UserError(Problem("train.output_dir", f"{run.root} already holds a run",
+                                    "pass --resume auto to continue it, or --set train.output_dir=runs/NEW"))
+        return None
+    if resume == "auto":
+        return run.last_checkpoint()
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(Problem("--resume", f"{resume} is not a complete checkpoint (no trainer_state.json)"))
+    return path
+
+
+def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]]) -> None:
+    """When re-running a lock file, say if the data changed since it was written."""
+    from tunelab.recipe.lock import read_lock_provenance
+
+    prov = read_lock_provenance(recipe_path)
+    if not prov:
+        return
+    old = {(d.get("split"), d.get("source")): d.get("sha256") for d in prov.get("data", [])}
+    for d in fingerprints:
+        before = old.get((d.get("split"), d.get("source")))
+        if before and d.get("sha256") and before != d["sha256"]:
+            _say(f"warning: {d['source']} changed since the lock file was written (sha256 differs)")
+
+
+def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                 resume: str | None = None) -> dict[str, Any]:
+    """Train a recipe end to end; returns the run summary (also saved as summary.json)."""
+    from tunelab.recipe.validate import validate
+
+    loaded, notes = validate(recipe_path, overrides)
+    for note in notes:
+        _say(note)
+    recipe = loaded.recipe
+    run = RunDir(Path(recipe.train.output_dir))
+    resume_from = resolve_resume(run, resume)
+
+    from transformers import set_seed
+
+    from tunelab.data.pipeline import build_datasets, data_fingerprints
+    from tunelab.eval.perplexity import perplexity
+    from tunelab.methods import method_module
+    from tunelab.models.load import load_model, load_tokenizer
+    from tunelab.models.peft import apply_peft, quantization_of, uses_virtual_tokens
+    from tunelab.recipe.lock import write_lock
+
+    set_seed(recipe.train.seed)
+    run.root.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(recipe.model)
+    train_ds, eval_ds, report = build_datasets(recipe, tokenizer)
+    for line in report.lines():
+        _say(line)
+    run.data_report.write_text(json.dumps(report.to_dict(), indent=2))
+    fingerprints = data_fingerprints(recipe)
+    check_lock_data(loaded.path, fingerprints)
+    write_lock(run.lock, loaded, fingerprints)
+
+    model = load_model(recipe.model, quantization_of(recipe), full_finetune=recipe.peft is None)
+    if recipe.model.path.startswith("builtin:"):
+        model.config.name_or_path = recipe.model.path
+    if recipe.peft is not None:
+        if recipe.model.path.startswith("builtin:"):
+            # plain peft must find the base weights: keep the (seeded, random) base beside the run
+            base_dir = (run.root / "base").resolve()
+            if not base_dir.exists():
+                model.save_pretrained(base_dir)
+                tokenizer.save_pretrained(base_dir)
+            model.config.name_or_path = str(base_dir)
+            model.name_or_path = str(base_dir)
+        model = apply_peft(model, recipe.peft, tokenizer, recipe.model.gradient_checkpointing)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        _say(f"peft {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters")
+        if uses_virtual_tokens(recipe.peft) and recipe.data.packing:
+            _say("packing is off: prefix/prompt tuning prepend virtual tokens to every row")
+            recipe.data.packing = False
+
+    summary: dict[str, Any] = {"output_dir": str(run.root)}
+    pad_id = tokenizer.pad_token_id or 0
+    eval_bs = recipe.train.eval_batch_size or recipe.train.batch_size
+    if eval_ds is not None and recipe.train.eval_before_train and resume_from is None:
+        before = perplexity(model, eval_ds, eval_bs, pad_id)
+        summary["eval_before"] = before
+        _say(f"eval perplexity before training: {before['perplexity']:.3f} ({before['tokens']} tokens)")
+        run.summary.write_text(json.dumps(summary, indent=2))
+    elif resume_from is not None and run.summary.is_file():
+        summary.update({k: v for k, v in json.loads(run.summary.read_text()).items() if k == "eval_before"})
+
+    module = method_module(recipe.method)
+    trainer = module.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
+    if resume_from is not None:
+        _say(f"resuming from {resume_from}")
+    elif resume == "auto":
+        _say("no complete checkpoint to resume from: starting fresh")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    trainer.save_model(str(run.final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(run.final))
+    summary["global_step"] = trainer.state.global_step
+    losses = loss_summary(run.read_metrics())
+    if losses:
+        summary["train_loss"] = losses
+        _say(f"train loss: first 10% of logged steps {losses['first']:.4f} -> last 10% {losses['last']:.4f}")
+    if eval_ds is not None:
+        after = perplexity(model, eval_ds, eval_bs, pad_id)
+        summary["eval_after"] = after
+        if "eval_before" in summary:
+            _say(f"eval perplexity: {summary['eval_before']['perplexity']:.3f} (untrained) -> "
+                 f"{after['perplexity']:.3f} (trained)")
+        else:
+            _say(f"eval perplexity: {after['perplexity']:.3f}")
+    if trainer.is_world_process_zero():
+        plot_metrics(run)
+        run.summary.write_text(json.dumps(summary, indent=2))
+    _say(f"done: {run.final}")
+    return summary
