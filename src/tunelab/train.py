@@ -7,6 +7,7 @@ described in ``tunelab.runs``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         summary.update({k: v for k, v in json.loads(run.summary.read_text()).items() if k == "eval_before"})
 
     module = method_module(recipe.method)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.root / "tensorboard"))
     trainer = module.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
     if resume_from is not None:
         _say(f"resuming from {resume_from}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,7 +56,6 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
         eval_steps=t.eval_steps,
         report_to=report_to or "none",
-        logging_dir=str(Path(t.output_dir) / "tensorboard"),
         dataloader_num_workers=t.num_workers,
         disable_tqdm=False,
         save_only_model=False,
@@ -91,7 +89,10 @@ def atomic_checkpoints(trainer_cls: type) -> type:
                     shutil.rmtree(target)
                 os.replace(os.path.join(staging, name), target)
                 shutil.rmtree(staging, ignore_errors=True)
-                self._rotate_checkpoints(use_mtime=False, output_dir=real_dir)
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=real_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
             self.accelerator.wait_for_everyone()
 
     AtomicCheckpointTrainer.__name__ = f"Atomic{trainer_cls.__name__}"

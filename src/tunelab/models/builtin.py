@@ -1,6 +1,6 @@
 """Built-in tiny models: random-init configs sized to train in seconds on a CPU, offline.
 
-They share one bundled byte-level BPE tokenizer (``assets/tokenizer.json``, 2048 tokens) whose
+They share one bundled byte-level BPE tokenizer (``assets/tokenizer.json``, 1435 tokens) whose
 ChatML template marks assistant turns with ``{% generation %}`` for loss masking. Weights are
 initialised from a fixed seed, so the "untrained model" is the same on every machine.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 ASSETS = Path(__file__).parent / "assets"
-VOCAB_SIZE = 2048
+VOCAB_SIZE = 1536  # the bundled tokenizer has 1435 tokens; rounded up to a multiple of 64
 _COMMON = dict(
     vocab_size=VOCAB_SIZE,
     hidden_size=64,

@@ -37,7 +37,7 @@ def trl_problems(loaded: LoadedRecipe) -> list[Problem]:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            module.trl_config(recipe, output_dir=tmp, report_to="none", logging_dir=None)
+            module.trl_config(recipe, output_dir=tmp, report_to="none")
     except TypeError as exc:
         msg = str(exc)
         if "unexpected keyword argument" in msg and "'" in msg:

@@ -1,0 +1,179 @@
+"""Generate the bundled quickstart data and the built-in tokenizer (deterministic).
+
+    python scripts/make_builtin_assets.py
+
+Writes src/tunelab/data/builtin/quickstart/{sft,sft_eval,alpaca,text,prompt_completion}.jsonl
+and src/tunelab/models/assets/{tokenizer.json,chat_template.jinja}. The data are templated
+task families (arithmetic, word games, invented facts) that a 2-layer model learns in a
+minute, with a long tail of long rows (lists, repetitions, stories) so lengths spread the way
+real chat data do. The tokenizer is a 2048-token byte-level BPE trained on this text plus
+generic sentences written here; byte level, so any text encodes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "src/tunelab/data/builtin/quickstart"
+ASSETS = ROOT / "src/tunelab/models/assets"
+
+WORDS = ("cat dog sun moon tree bird fish star lamp book door rain snow wind fire road ship rock leaf milk "
+         "bread apple river cloud stone glass chair table plant horse mouse house light green water sugar "
+         "paper music tiger zebra lemon melon grape pearl coral amber frost storm").split()
+COUNTRIES = [("Aldoria", "Velmont"), ("Brisk", "Tallow"), ("Corvenia", "Duskport"), ("Drellin", "Oakhaven"),
+             ("Elvaran", "Mistral Bay"), ("Fennick", "Ashby"), ("Glimmera", "Lumen"), ("Harrowin", "Stonegate"),
+             ("Istvar", "Kelpie"), ("Jorunland", "Frosthold"), ("Kavessa", "Redcliff"), ("Lornwick", "Ember"),
+             ("Mirovia", "Calder"), ("Norhaven", "Wyvern"), ("Ostrelle", "Pinecrest"), ("Pellandor", "Quill"),
+             ("Quorra", "Sable"), ("Rivenna", "Thornfield"), ("Sylvara", "Brightwater"), ("Tamberlune", "Marrow")]
+OBJECTS = [("glimmerstone", "blue"), ("moss lantern", "green"), ("sun apple", "gold"), ("night pearl", "black"),
+           ("ember fern", "red"), ("frost bell", "white"), ("dusk feather", "purple"), ("river shell", "pink"),
+           ("storm cap", "grey"), ("honey reed", "yellow"), ("copper leaf", "orange"), ("mist flower", "silver")]
+SYSTEMS = ["You are a helpful assistant.", "You are a concise assistant. Answer in one sentence.",
+           "You answer questions about numbers, words and the land of Aldoria."]
+GENERIC = [
+    "The quick brown fox jumps over the lazy dog.", "A journey of a thousand miles begins with a single step.",
+    "Please read the instructions carefully before you begin.", "The weather today is cloudy with a chance of rain.",
+    "She opened the window and let the fresh air into the room.", "Numbers such as 12, 345 and 6789 appear often.",
+    "Write clear answers, check your work, and keep it short.", "Hello! How can I help you today?",
+    "Thank you for your question; here is the answer.", "In the morning the market was full of people.",
+    "Every language model learns from examples of text.", "The train leaves the station at half past nine.",
+    "Can you explain how this works, step by step?", "Yes, that is correct. No, that is not right.",
+]
+
+
+def arithmetic(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    op = rng.choice(["plus", "minus", "times"])
+    if op == "minus" and b > a:
+        a, b = b, a
+    value = {"plus": a + b, "minus": a - b, "times": a * b}[op]
+    return f"What is {a} {op} {b}?", f"{a} {op} {b} is {value}."
+
+
+def reverse(rng: random.Random) -> tuple[str, str]:
+    w = rng.choice(WORDS)
+    return f"Reverse the word '{w}'.", f"The reverse of '{w}' is '{w[::-1]}'."
+
+
+def capital(rng: random.Random) -> tuple[str, str]:
+    c, cap = rng.choice(COUNTRIES)
+    q = rng.choice([f"What is the capital of {c}?", f"Which city is the capital of {c}?"])
+    return q, f"The capital of {c} is {cap}."
+
+
+def count_letters(rng: random.Random) -> tuple[str, str]:
+    w = rng.choice(WORDS)
+    return f"How many letters are in '{w}'?", f"'{w}' has {len(w)} letters."
+
+
+def upper(rng: random.Random) -> tuple[str, str]:
+    w = rng.choice(WORDS)
+    return f"Write '{w}' in capitals.", w.upper()
+
+
+def colour(rng: random.Random) -> tuple[str, str]:
+    o, c = rng.choice(OBJECTS)
+    return f"What colour is a {o}?", f"A {o} is {c}."
+
+
+def count_up(rng: random.Random) -> tuple[str, str]:
+    a = rng.randint(1, 30)
+    b = a + rng.randint(10, 70)
+    return f"List the numbers from {a} to {b}.", ", ".join(str(i) for i in range(a, b + 1)) + "."
+
+
+def repeat(rng: random.Random) -> tuple[str, str]:
+    s = rng.choice(GENERIC)
+    k = rng.randint(3, 9)
+    return f"Repeat the sentence '{s}' {k} times.", " ".join([s] * k)
+
+
+def story(rng: random.Random) -> tuple[str, str]:
+    hero, place = rng.choice(WORDS), rng.choice(COUNTRIES)
+    obj, col = rng.choice(OBJECTS)
+    parts = [f"Once upon a time a {hero} lived in {place[0]}.", f"Every day the {hero} walked to {place[1]}.",
+             f"One morning the {hero} found a {obj}.", f"The {obj} was {col} and it glowed softly.",
+             f"The {hero} carried the {obj} home through the {rng.choice(WORDS)}.",
+             f"People from all over {place[0]} came to see it.", f"The {hero} was happy, and the {obj} stayed {col}.",
+             "And that is the end of the story."]
+    n = rng.randint(3, len(parts))
+    return f"Tell me a short story about a {hero}.", " ".join(parts[: n - 1] + parts[-1:])
+
+
+SHORT = [arithmetic, arithmetic, reverse, capital, capital, count_letters, upper, colour, colour]
+LONG = [count_up, repeat, story]
+
+
+def exchange(rng: random.Random) -> tuple[str, str]:
+    family = rng.choice(LONG) if rng.random() < 0.12 else rng.choice(SHORT)
+    return family(rng)
+
+
+def conversation(rng: random.Random) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.3 else []
+    turns = rng.choice([2, 3]) if rng.random() < 0.2 else 1
+    for _ in range(turns):
+        q, a = exchange(rng)
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_data() -> list[str]:
+    rng = random.Random(20261124)
+    seen: set[str] = set()
+    convs: list[list[dict[str, str]]] = []
+    while len(convs) < 1320:
+        c = conversation(rng)
+        key = json.dumps(c)
+        if key not in seen:
+            seen.add(key)
+            convs.append(c)
+    write_jsonl(DATA / "sft.jsonl", [{"messages": c} for c in convs[:1200]])
+    write_jsonl(DATA / "sft_eval.jsonl", [{"messages": c} for c in convs[1200:]])
+    singles = [exchange(rng) for _ in range(200)]
+    write_jsonl(DATA / "alpaca.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in singles])
+    write_jsonl(DATA / "prompt_completion.jsonl", [{"prompt": f"Question: {q}\nAnswer:", "completion": f" {a}"}
+                                                   for q, a in singles])
+    write_jsonl(DATA / "text.jsonl", [{"text": f"{q} {a}"} for q, a in singles])
+    corpus = [m["content"] for c in convs for m in c] + [f"{q} {a}" for q, a in singles]
+    return corpus + GENERIC * 20 + SYSTEMS * 20
+
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def make_tokenizer(corpus: list[str]) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    tok.save(str(ASSETS / "tokenizer.json"))
+    (ASSETS / "chat_template.jinja").write_text(CHAT_TEMPLATE + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    make_tokenizer(make_data())
+    print("wrote", DATA, ASSETS)

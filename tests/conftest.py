@@ -1,0 +1,46 @@
+"""Tests never touch the network and build tiny random models from configs."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tunelab_cmd() -> list[str]:
+    exe = shutil.which("tunelab", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "tunelab"]
+
+
+@pytest.fixture
+def run_cli():
+    """Run the real `tunelab` console script in a subprocess: (returncode, stdout, stderr)."""
+
+    def _run(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+        proc = subprocess.run(
+            [*tunelab_cmd(), *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO,
+            timeout=timeout, env={**os.environ, **(env or {})},
+        )
+        return proc.returncode, proc.stdout, proc.stderr
+
+    return _run
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_tests_without_cuda(request):
+    if request.node.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")

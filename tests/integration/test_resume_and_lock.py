@@ -1,0 +1,72 @@
+"""A run killed with SIGKILL resumes to the same result; a lock file reproduces the loss curve."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tunelab_cmd
+
+COMMON = ["--set", "train.max_steps=30", "--set", "train.save_steps=10", "--set", "train.logging_steps=1",
+          "--set", "train.eval_before_train=false", "--set", "train.report_to=[none]",
+          "--set", "train.save_total_limit=null"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_matches_uninterrupted(run_cli, tmp_path):
+    whole = tmp_path / "whole"
+    rc, _, err = run_cli("train", "recipes/quickstart/sft.yaml", "--set", f"train.output_dir={whole}", *COMMON)
+    assert rc == 0, err[-3000:]
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*tunelab_cmd(), "train", "recipes/quickstart/sft.yaml", "--set",
+                             f"train.output_dir={killed}", *COMMON], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoint-10").is_dir():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-training, right after the first checkpoint appeared
+    proc.wait()
+    assert (killed / "checkpoint-10").is_dir(), "the run never reached its first checkpoint"
+    assert not (killed / "final").exists(), "the run finished before it was killed"
+    assert not any(p.name.startswith("checkpoint") and not (p / "trainer_state.json").is_file()
+                   for p in killed.iterdir()), "a half-written checkpoint is visible"
+
+    # without --resume, an existing run is not overwritten
+    rc, _, err = run_cli("train", "recipes/quickstart/sft.yaml", "--set", f"train.output_dir={killed}", *COMMON)
+    assert rc == 2 and "--resume auto" in err
+    rc, out, err = run_cli("train", "recipes/quickstart/sft.yaml", "--set", f"train.output_dir={killed}", *COMMON,
+                           "--resume", "auto")
+    assert rc == 0, err[-3000:]
+    assert "resuming from" in out
+    a, b = losses(whole), losses(killed)
+    assert max(a) == max(b) == 30
+    assert b[30] == pytest.approx(a[30], rel=1e-4, abs=1e-5)
+    assert json.loads((killed / "summary.json").read_text())["global_step"] == 30
+
+
+@pytest.mark.slow
+def test_lock_file_reproduces_loss_curve(run_cli, tmp_path):
+    first = tmp_path / "first"
+    rc, _, err = run_cli("train", "recipes/quickstart/sft.yaml", "--set", f"train.output_dir={first}", *COMMON)
+    assert rc == 0, err[-3000:]
+    lock = first / "recipe.lock.yaml"
+    text = lock.read_text()
+    assert "tunelab_lock" in text and "sha256" in text and "transformers" in text
+    again = tmp_path / "again"
+    rc, _, err = run_cli("train", str(lock), "--set", f"train.output_dir={again}")
+    assert rc == 0, err[-3000:]
+    a, b = losses(first), losses(again)
+    assert a.keys() == b.keys() and len(a) == 30
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step

@@ -1,0 +1,73 @@
+"""PEFT: a fresh LoRA changes nothing, merging is exact, every PEFT method trains on CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.evaluate import load_for_inference, run_merge
+from tunelab.models.builtin import builtin_model, builtin_tokenizer
+from tunelab.models.peft import apply_peft
+from tunelab.recipe.schema import LoraSpec
+
+IDS = torch.tensor([[1, 100, 200, 300, 400, 2, 17, 99]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fresh_adapter_changes_no_logit(method):
+    base = builtin_model("tiny-llama").eval()
+    before = logits(base)
+    model = apply_peft(builtin_model("tiny-llama"), LoraSpec(method=method, r=8, alpha=16, dropout=0.0),
+                       builtin_tokenizer()).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            assert torch.count_nonzero(p) == 0, name  # B starts at zero
+    torch.testing.assert_close(logits(model), before, atol=1e-6, rtol=0)
+
+
+def test_lora_scaling_is_alpha_over_r():
+    """One LoRA linear by hand: y = W x + (B A x) * alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    for rslora in (False, True):
+        model = apply_peft(builtin_model("tiny-llama"), LoraSpec(method="lora", r=4, alpha=12, dropout=0.0,
+                                                                  use_rslora=rslora, target_modules=["q_proj"]),
+                           builtin_tokenizer()).eval()
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        torch.manual_seed(0)
+        layer.lora_B["default"].weight.data.normal_()
+        x = torch.randn(3, layer.in_features)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        scale = 12 / (4 ** 0.5 if rslora else 4)
+        want = x @ layer.base_layer.weight.T + (x @ a.T @ b.T) * scale
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_model_equals_adapter_model(method, tmp_path: Path):
+    tok = builtin_tokenizer()
+    base = builtin_model("tiny-llama")
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    model = apply_peft(base, LoraSpec(method=method, r=8, alpha=16, dropout=0.0), tok)
+    model.base_model.model.config.name_or_path = str(base_dir)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # make the adapter non-trivial
+        if "lora_" in name:
+            p.data.normal_(0, 0.05)
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    adapter_logits = logits(model.eval())
+    run_merge(str(adapter_dir), tmp_path / "merged")
+    merged, _ = load_for_inference(str(tmp_path / "merged"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged.eval()), adapter_logits, atol=1e-5, rtol=0)
+    assert (logits(merged) - logits(builtin_model("tiny-llama").eval())).abs().max() > 1e-3
