@@ -8,6 +8,7 @@ so ``tunelab --help`` and recipe errors answer in well under two seconds. A user
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -188,6 +189,8 @@ def env() -> None:
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns on import about an optional CPU kernel package; it changes nothing here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app()
     except UserError as exc:  # pragma: no cover - commands catch their own

@@ -55,8 +55,8 @@ def test_merged_model_equals_adapter_model(method, tmp_path: Path):
     base_dir = tmp_path / "base"
     base.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
+    base.name_or_path = str(base_dir)  # what from_pretrained would have set; peft records it in the adapter
     model = apply_peft(base, LoraSpec(method=method, r=8, alpha=16, dropout=0.0), tok)
-    model.base_model.model.config.name_or_path = str(base_dir)
     torch.manual_seed(1)
     for name, p in model.named_parameters():  # make the adapter non-trivial
         if "lora_" in name:
@@ -71,3 +71,22 @@ def test_merged_model_equals_adapter_model(method, tmp_path: Path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged.eval()), adapter_logits, atol=1e-5, rtol=0)
     assert (logits(merged) - logits(builtin_model("tiny-llama").eval())).abs().max() > 1e-3
+
+
+def test_qlora_base_is_really_4bit():
+    import bitsandbytes as bnb
+
+    from tunelab.models.load import load_model
+    from tunelab.recipe.schema import ModelSpec, QuantizationSpec
+
+    model = load_model(ModelSpec(path="builtin:tiny-llama"), QuantizationSpec(compute_dtype="float32"),
+                       full_finetune=False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # q k v o gate up down in each of the 2 layers
+    assert layers[0].weight.quant_type == "nf4"
+    with torch.no_grad():
+        out = model(input_ids=IDS).logits
+    ref = logits(builtin_model("tiny-llama").eval())
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.5  # close to the fp32 model, but quantized (not identical)
+    assert (out - ref).abs().max() > 0

@@ -10,6 +10,12 @@ if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_precision(precision: str) -> str:
     """auto -> bf16 on a GPU that supports it, else fp32 (CPU bf16 autocast is slow and lossy)."""
     if precision != "auto":
@@ -47,7 +53,8 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
         data_seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        activation_checkpointing=recipe.model.gradient_checkpointing,
+        dataloader_pin_memory=_cuda(),
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",

@@ -33,7 +33,7 @@ class SFTMethod(BaseModel):
 OWNED_TRL_FIELDS = {
     "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
     "gradient_accumulation_steps", "seed", "max_length", "packing", "padding_free", "bf16", "fp16",
-    "gradient_checkpointing", "report_to", "logging_steps", "save_steps", "save_total_limit",
+    "gradient_checkpointing", "activation_checkpointing", "report_to", "logging_steps", "save_steps", "save_total_limit",
     "dataset_kwargs", "assistant_only_loss", "completion_only_loss",
 }
 
