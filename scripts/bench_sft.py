@@ -54,15 +54,18 @@ def side_trl(n: int, epochs: float, out: str) -> dict:
     tok = builtin_tokenizer()
     model = builtin_model("tiny-llama")
     ds = Dataset.from_list([{"messages": r["messages"]} for r in rows(n)])
+    import torch
+
+    # TRL's defaults; on a CPU, TRL's bf16 default refuses to start unless use_cpu=True (its own error says so)
     args = SFTConfig(output_dir=out, num_train_epochs=epochs, report_to="none", save_strategy="no",
-                     assistant_only_loss=True, disable_tqdm=True)
+                     assistant_only_loss=True, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"]) * epochs
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "seconds": seconds, "steps": trainer.state.global_step,
-            "config": {"bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
+            "config": {"bf16": args.bf16, "use_cpu": args.use_cpu, "gradient_checkpointing": args.gradient_checkpointing,
                        "packing": args.packing, "batch_size": args.per_device_train_batch_size,
                        "max_length": args.max_length}}
 
