@@ -53,6 +53,15 @@ def trl_problems(loaded: LoadedRecipe) -> list[Problem]:
     return problems
 
 
+def report_to_problems(recipe: Any) -> list[Problem]:
+    """Experiment trackers other than TensorBoard are used only when installed."""
+    import importlib.util
+
+    return [Problem("train.report_to", f"{name} is not installed", f"pip install {name}, or remove it")
+            for name in recipe.train.report_to
+            if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None]
+
+
 def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[LoadedRecipe, list[str]]:
     """Fully check a recipe without loading weights; (loaded recipe, notes) or RecipeError."""
     loaded = load_recipe(path, overrides)  # raises on schema problems, before heavy imports
@@ -67,6 +76,7 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
     from tunelab.models.load import attn_problems
 
     problems += attn_problems(loaded.recipe.model)
+    problems += report_to_problems(loaded.recipe)
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     return loaded, notes
