@@ -14,7 +14,6 @@ IGNORE = -100
 
 def token_nll(model: Any, input_ids: Any, labels: Any, attention_mask: Any) -> tuple[float, int]:
     """(sum of NLL, number of scored tokens) for one padded batch."""
-    import torch
     import torch.nn.functional as F
 
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -23,7 +22,7 @@ def token_nll(model: Any, input_ids: Any, labels: Any, attention_mask: Any) -> t
     shift_labels = labels[:, 1:]
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                           ignore_index=IGNORE, reduction="sum")
-    return float(nll), int((shift_labels != IGNORE).sum().item()) if torch.is_tensor(shift_labels) else 0
+    return float(nll), int((shift_labels != IGNORE).sum().item())
 
 
 def perplexity(model: Any, dataset: Any, batch_size: int = 8, pad_id: int = 0) -> dict[str, float]:
