@@ -60,8 +60,8 @@ def resolve_source(source: str, key: str) -> Resolved:
                                     "use .jsonl, .json, .parquet or .csv"))
         return Resolved(label=str(path), path=path.resolve())
     if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise DataError(Problem(key, f"data file not found: {source}", "check the path (relative paths are "
-                                "taken from the recipe's folder, then the current directory)"))
+        raise DataError(Problem(key, f"data file not found: {source}", "check the path; relative paths are "
+                                "taken from the recipe's folder, then the current directory"))
     return Resolved(label=source, hub_id=source)
 
 

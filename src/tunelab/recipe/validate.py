@@ -71,12 +71,15 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
     module = method_module(loaded.recipe.method)
     formats = getattr(module, "ACCEPTED_FORMATS", None)
     problems, notes = check_data(loaded.recipe, accepted_formats=formats)
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    problems += trl_problems(loaded)
-    from tunelab.models.load import attn_problems
-
-    problems += attn_problems(loaded.recipe.model)
     problems += report_to_problems(loaded.recipe)
+    # Building the TRL config imports torch and TRL (seconds). Skip it when the answer is already
+    # "fix these first", unless method.trl holds keys of its own that only TRL can check.
+    if not problems or getattr(loaded.recipe.method, "trl", None):
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        problems += trl_problems(loaded)
+        from tunelab.models.load import attn_problems
+
+        problems += attn_problems(loaded.recipe.model)
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     return loaded, notes
