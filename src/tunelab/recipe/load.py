@@ -52,7 +52,7 @@ def resolve_builtin_recipe(name: str) -> Path:
     rel = name[len("builtin:") :] if name.startswith("builtin:") else name
     path = lib / (rel if rel.endswith((".yaml", ".yml")) else rel + ".yaml")
     if not path.is_file():
-        known = sorted(str(p.relative_to(lib).with_suffix("")) for p in lib.rglob("*.yaml") if not p.name.startswith("_"))
+        known = sorted(str(p.relative_to(lib).with_suffix("")) for p in lib.rglob("*.yaml"))
         hint = closest(rel, known)
         raise RecipeError(
             Problem(name, "no such built-in recipe", f"did you mean builtin:{hint}?" if hint else "see `tunelab recipes ls`")
@@ -231,6 +231,10 @@ def schema_at(parts: list[Any], data: Any = None) -> tuple[Any, list[str]]:
             continue
         origin = typing.get_origin(ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
+            tag = _tag_of(ann)
+            if tag is not None and part == tag[1] and part not in ann.model_fields:
+                i += 1  # a one-member registry union collapses to its model; pydantic still puts the tag in loc
+                continue
             f = ann.model_fields.get(str(part))
             names.append(str(part))
             if f is None:
@@ -249,6 +253,19 @@ def schema_at(parts: list[Any], data: Any = None) -> tuple[Any, list[str]]:
             return ann, names  # inside a plain union: stop at the field
         i += 1
     return ann, names
+
+
+def _tags_at(loc: list[Any], data: Any) -> str:
+    """The registry names a discriminated block at ``loc`` accepts, e.g. 'sft' for method."""
+    ann: Any = Recipe
+    for part in loc:
+        ann = _unwrap(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and str(part) in ann.model_fields:
+            ann = ann.model_fields[str(part)].annotation
+    ann = _unwrap(ann)
+    models = _union_models(ann) or ([ann] if isinstance(ann, type) and issubclass(ann, BaseModel) else [])
+    tags = [t[1] for m in models if (t := _tag_of(m)) is not None]
+    return ", ".join(repr(t) for t in tags)
 
 
 def _valid_keys(ann: Any) -> list[str]:
@@ -277,7 +294,8 @@ def _describe(err: dict[str, Any], data: dict[str, Any]) -> Problem:
         ctx = err.get("ctx", {})
         known = ctx.get("expected_tags", "")
         if kind == "union_tag_not_found":
-            return Problem(where, f"missing {ctx.get('discriminator', 'name')}", f"one of: {known}")
+            field_name = ctx.get("discriminator", "'name'").strip("'")
+            return Problem(f"{where}.{field_name}", "required key is missing", f"one of: {_tags_at(loc, data)}")
         tag = str(ctx.get("tag"))
         guess = closest(tag, [t.strip(" '") for t in known.split(",")])
         field_name = ctx.get("discriminator", "'name'").strip("'")

@@ -1,0 +1,213 @@
+"""Malformed recipes and overrides: exit 2, the key named, the fix suggested, no traceback, fast,
+and found before torch, transformers or TRL is imported."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+GOOD = """\
+model: {path: "builtin:tiny-llama"}
+data:
+  train: [{source: "builtin:quickstart/sft", format: messages}]
+  max_length: 256
+method: {name: sft}
+train: {output_dir: runs/x, learning_rate: 1.0e-3}
+"""
+
+# id -> (recipe text, --set overrides, substrings stderr must contain)
+CASES = {
+    "empty-file": ("", [], ["recipe file is empty"]),
+    "top-level-list": ("- a\n- b\n", [], ["must be a mapping"]),
+    "yaml-syntax": (GOOD + "train: {epochs: [1, 2\n", [], ["YAML syntax error", "recipe.yaml:8:1"]),
+    "misspelt-top": (GOOD.replace("method:", "mehtod:"), [], ["mehtod: unknown key", "did you mean 'method'?"]),
+    "misspelt-model": (GOOD.replace("{path:", "{pth:"), [], ["model.pth: unknown key", "did you mean 'path'?"]),
+    "misspelt-data": (GOOD.replace("max_length", "max_lenght"), [],
+                      ["data.max_lenght: unknown key", "did you mean 'max_length'?"]),
+    "misspelt-source-key": (GOOD.replace("format: messages", "fromat: messages"), [],
+                            ["data.train[0].fromat: unknown key", "did you mean 'format'?"]),
+    "misspelt-method": (GOOD.replace("{name: sft}", "{name: sft, loss_typ: nll}"), [],
+                        ["method.loss_typ: unknown key", "did you mean 'loss_type'?"]),
+    "misspelt-train": (GOOD.replace("learning_rate", "learnig_rate"), [],
+                       ["train.learnig_rate: unknown key", "did you mean 'learning_rate'?"]),
+    "misspelt-peft": (GOOD + "peft: {method: lora, rank: 8}\n", [], ["peft.rank: unknown key"]),
+    "misspelt-peft-alpha": (GOOD + "peft: {method: lora, alpah: 8}\n", [],
+                            ["peft.alpah: unknown key", "did you mean 'alpha'?"]),
+    "misspelt-distributed": (GOOD + "distributed: {stratgy: none}\n", [],
+                             ["distributed.stratgy: unknown key", "did you mean 'strategy'?"]),
+    "misspelt-quantization": (GOOD.replace('{path: "builtin:tiny-llama"}',
+                                           '{path: "builtin:tiny-llama", quantization: {bitz: 4}}')
+                              + "peft: {method: lora}\n", [], ["model.quantization.bitz: unknown key",
+                                                               "did you mean 'bits'?"]),
+    "unknown-method": (GOOD.replace("{name: sft}", "{name: sfd}"), [],
+                       ["method.name: unknown method 'sfd'", "did you mean 'sft'?"]),
+    "missing-method-name": (GOOD.replace("{name: sft}", "{loss_type: nll}"), [], ["method.name", "missing"]),
+    "unknown-format": (GOOD.replace("format: messages", "format: chatml"), [],
+                       ["data.train[0].format", "'chatml'"]),
+    "unknown-peft": (GOOD + "peft: {method: lorra}\n", [], ["peft.method: unknown method 'lorra'",
+                                                            "did you mean 'lora'?"]),
+    "unknown-patch": (GOOD + "patches: [{name: rope, method: yarn}]\n", [], ["patches[0]", "unknown patch 'rope'"]),
+    "unknown-builtin-model": (GOOD.replace("tiny-llama", "tiny-gpt"), [],
+                              ["model.path", "unknown built-in model 'builtin:tiny-gpt'", "builtin:tiny-llama"]),
+    "unknown-attn": (GOOD.replace('{path: "builtin:tiny-llama"}', '{path: "builtin:tiny-llama", '
+                                  'attn_implementation: flash}'), [], ["model.attn_implementation", "'flash'"]),
+    "missing-model": ("\n".join(GOOD.splitlines()[1:]) + "\n", [], ["model: required key is missing"]),
+    "missing-train-data": (GOOD.replace('  train: [{source: "builtin:quickstart/sft", format: messages}]\n', ""),
+                           [], ["data.train: required key is missing"]),
+    "empty-train-list": (GOOD.replace('[{source: "builtin:quickstart/sft", format: messages}]', "[]"), [],
+                         ["data.train", "at least 1"]),
+    "lr-negative": (GOOD.replace("1.0e-3", "-1.0e-3"), [], ["train.learning_rate", "greater than 0"]),
+    "lr-too-big": (GOOD.replace("1.0e-3", "3"), [], ["train.learning_rate", "less than 1"]),
+    "lr-not-number": (GOOD.replace("1.0e-3", "fast"), [], ["train.learning_rate", "valid number", "'fast'"]),
+    "lora-r-zero": (GOOD + "peft: {method: lora, r: 0}\n", [], ["peft.r", "greater than or equal to 1"]),
+    "dropout-too-big": (GOOD + "peft: {method: lora, dropout: 1.5}\n", [], ["peft.dropout", "less than 1"]),
+    "max-length-zero": (GOOD.replace("max_length: 256", "max_length: 0"), [], ["data.max_length",
+                                                                               "greater than or equal to 8"]),
+    "eval-split-one": (GOOD.replace("max_length: 256", "max_length: 256\n  eval_split: 1.0"), [],
+                       ["data.eval_split", "less than 1"]),
+    "batch-size-string": (GOOD.replace("learning_rate: 1.0e-3", "learning_rate: 1.0e-3, batch_size: many"), [],
+                          ["train.batch_size", "valid integer", "'many'"]),
+    "bool-wrong": (GOOD.replace("max_length: 256", "max_length: 256\n  packing: perhaps"), [],
+                   ["data.packing", "valid boolean"]),
+    "unknown-overflow": (GOOD.replace("max_length: 256", "max_length: 256\n  on_overflow: trunc"), [],
+                         ["data.on_overflow", "did you mean 'truncate'?"]),
+    "weight-and-samples": (GOOD.replace("format: messages}", "format: messages, weight: 1, samples: 3}"), [],
+                           ["data.train[0]", "either weight or samples"]),
+    "quant-without-peft": (GOOD.replace('{path: "builtin:tiny-llama"}',
+                                        '{path: "builtin:tiny-llama", quantization: {bits: 4}}'), [],
+                           ["cannot be fully fine-tuned", "qlora"]),
+    "missing-data-file": (GOOD.replace('"builtin:quickstart/sft"', "no/such/file.jsonl"), [],
+                          ["data.train[0].source", "data file not found"]),
+    "unknown-builtin-data": (GOOD.replace('"builtin:quickstart/sft"', '"builtin:quickstart/nope"'), [],
+                             ["data.train[0].source", "unknown built-in dataset", "builtin:quickstart/sft"]),
+    "env-unset": (GOOD.replace("runs/x", "\"${env:TUNELAB_TEST_UNSET_VAR}/x\""), [],
+                  ["train.output_dir", "TUNELAB_TEST_UNSET_VAR is not set"]),
+    "set-no-equals": (GOOD, ["train.epochs"], ["--set train.epochs", "expected dotted.key=value"]),
+    "set-unknown-key": (GOOD, ["train.epoch=3"], ["train.epoch: unknown key", "did you mean 'epochs'?"]),
+    "set-wrong-type": (GOOD, ["train.batch_size=big"], ["train.batch_size", "valid integer"]),
+    "set-out-of-range": (GOOD, ["train.warmup_ratio=2"], ["train.warmup_ratio", "less than 1"]),
+    "set-unknown-method": (GOOD, ["method.name=ppo2"], ["unknown method 'ppo2'"]),
+}
+FILES = {  # cases that need more than one file: name -> {filename: text}
+    "extends-cycle": {"recipe.yaml": "extends: b.yaml\n" + GOOD, "b.yaml": "extends: recipe.yaml\n"},
+    "extends-missing": {"recipe.yaml": "extends: ../nowhere/base.yaml\n" + GOOD},
+    "extends-unknown-builtin": {"recipe.yaml": "extends: builtin:quickstart/bsae\n" + GOOD},
+}
+FILE_EXPECT = {
+    "extends-cycle": ["extends cycle: recipe.yaml -> b.yaml -> recipe.yaml"],
+    "extends-missing": ["extends", "file not found"],
+    "extends-unknown-builtin": ["no such built-in recipe", "did you mean builtin:quickstart/_base?"],
+}
+
+
+def make(tmp_path, case_id):
+    if case_id in FILES:
+        for name, text in FILES[case_id].items():
+            (tmp_path / name).write_text(text)
+        return tmp_path / "recipe.yaml", [], FILE_EXPECT[case_id]
+    text, overrides, expect = CASES[case_id]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path, overrides, expect
+
+
+ALL = sorted(CASES) + sorted(FILES)
+
+
+def test_there_are_enough_cases():
+    assert len(ALL) >= 30
+
+
+@pytest.mark.parametrize("case_id", ALL)
+def test_validate_exits_2_and_names_the_key(case_id, tmp_path, run_cli):
+    path, overrides, expect = make(tmp_path, case_id)
+    args = ["validate", path] + [x for o in overrides for x in ("--set", o)]
+    start = time.perf_counter()
+    rc, out, err = run_cli(*args)
+    elapsed = time.perf_counter() - start
+    assert rc == 2, (out, err)
+    for s in expect:
+        assert s in err, f"{s!r} not in:\n{err}"
+    assert "Traceback" not in out + err
+    assert elapsed < 2.0, f"took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("case_id", ["misspelt-train", "missing-data-file", "extends-cycle", "set-wrong-type"])
+def test_train_reports_the_same_before_loading(case_id, tmp_path, run_cli):
+    path, overrides, expect = make(tmp_path, case_id)
+    rc, out, err = run_cli("train", path, *[x for o in overrides for x in ("--set", o)])
+    assert rc == 2 and all(s in err for s in expect) and "Traceback" not in out + err
+
+
+def test_no_heavy_import_before_the_error(tmp_path):
+    """One interpreter checks every case through the validate path and inspects sys.modules after each."""
+    jobs = []
+    for case_id in ALL:
+        sub = tmp_path / case_id
+        sub.mkdir()
+        path, overrides, _ = make(sub, case_id)
+        jobs.append((case_id, str(path), overrides))
+    script = textwrap.dedent("""
+        import json, sys
+        from tunelab.errors import UserError
+        from tunelab.recipe.validate import validate
+        results = {}
+        for case_id, path, overrides in json.loads(sys.argv[1]):
+            try:
+                validate(path, overrides)
+                results[case_id] = "no error"
+            except UserError:
+                heavy = [m for m in ("torch", "transformers", "trl") if m in sys.modules]
+                results[case_id] = heavy
+        print(json.dumps(results))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results == {case_id: [] for case_id in ALL}
+
+
+def test_all_problems_reported_at_once(tmp_path, run_cli):
+    text = GOOD.replace("learning_rate", "learnig_rate").replace("max_length: 256", "max_length: -4")
+    text = text.replace("{name: sft}", "{name: sft, neftune_noise_alpha: -1}") + "peft: {method: lora, r: 0}\n"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    rc, _, err = run_cli("validate", path)
+    assert rc == 2
+    assert "4 problems" in err
+    for key in ("train.learnig_rate", "data.max_length", "method.neftune_noise_alpha", "peft.r"):
+        assert key in err
+
+
+def test_trl_config_errors_name_the_key(tmp_path, run_cli):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD.replace("{name: sft}", "{name: sft, trl: {dataset_text_feld: body}}"))
+    rc, _, err = run_cli("validate", path)
+    assert rc == 2 and "method.trl.dataset_text_feld: unknown TRL config field" in err
+    assert "did you mean 'dataset_text_field'?" in err
+    path.write_text(GOOD.replace("{name: sft}", "{name: sft, trl: {max_length: 64}}"))
+    rc, _, err = run_cli("validate", path)
+    assert rc == 2 and "method.trl.max_length: is set by tunelab" in err
+
+
+def test_bad_row_is_named_by_validate(tmp_path, run_cli):
+    data = tmp_path / "d.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "wizard", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD.replace('"builtin:quickstart/sft"', "d.jsonl"))
+    rc, _, err = run_cli("validate", path)
+    assert rc == 2 and "d.jsonl row 2" in err and "unknown role 'wizard'" in err
+
+
+def test_good_recipe_passes(tmp_path, run_cli):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD)
+    rc, out, err = run_cli("validate", path)
+    assert rc == 0, err
+    assert "ok:" in out
