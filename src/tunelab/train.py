@@ -65,6 +65,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     from tunelab.data.pipeline import build_datasets, data_fingerprints
     from tunelab.eval.perplexity import perplexity
     from tunelab.methods import method_module
+    from tunelab.models.builtin import builtin_model
     from tunelab.models.load import load_model, load_tokenizer
     from tunelab.models.peft import apply_peft, quantization_of, uses_virtual_tokens
     from tunelab.recipe.lock import write_lock
@@ -86,9 +87,10 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     if recipe.peft is not None:
         if recipe.model.path.startswith("builtin:"):
             # plain peft must find the base weights: keep the (seeded, random) base beside the run
+            # (unquantized, so that `tunelab merge` folds the adapter into full-precision weights)
             base_dir = (run.root / "base").resolve()
             if not base_dir.exists():
-                model.save_pretrained(base_dir)
+                builtin_model(recipe.model.path[len("builtin:") :]).save_pretrained(base_dir)
                 tokenizer.save_pretrained(base_dir)
             model.config.name_or_path = str(base_dir)
             model.name_or_path = str(base_dir)
@@ -112,7 +114,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         summary.update({k: v for k, v in json.loads(run.summary.read_text()).items() if k == "eval_before"})
 
     module = method_module(recipe.method)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.root / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # read by transformers' callback
     trainer = module.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
     if resume_from is not None:
         _say(f"resuming from {resume_from}")

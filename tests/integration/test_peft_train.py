@@ -24,3 +24,13 @@ def test_peft_method_trains(recipe, run_cli, tmp_path):
     assert len(losses) >= 3 and all(loss == loss for loss in losses)  # logged, finite
     model, tok = load_for_inference(str(out))  # plain peft loads it back
     assert model is not None and tok is not None
+    if recipe in ("sft-lora", "sft-qlora", "sft-dora"):
+        rc, _, stderr = run_cli("merge", out, "-o", tmp_path / "merged")
+        assert rc == 0, stderr[-2000:]
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, full precision
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+    else:
+        rc, _, stderr = run_cli("merge", out, "-o", tmp_path / "merged")
+        assert rc == 2 and "cannot be merged" in stderr
