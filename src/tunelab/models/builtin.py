@@ -14,8 +14,8 @@ ASSETS = Path(__file__).parent / "assets"
 VOCAB_SIZE = 1536  # the bundled tokenizer has 1435 tokens; rounded up to a multiple of 64
 _COMMON = dict(
     vocab_size=VOCAB_SIZE,
-    hidden_size=64,
-    intermediate_size=192,
+    hidden_size=128,
+    intermediate_size=384,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -32,7 +32,7 @@ BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-qwen2": ("qwen2", dict(_COMMON, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "tiny-mistral": (
         "mistral",
-        dict(_COMMON, head_dim=16, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        dict(_COMMON, head_dim=32, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     ),
 }
 INIT_SEED = 1234
