@@ -5,12 +5,14 @@ realistic length spread, same examples, one epoch each. Each side runs in its ow
 so its peak memory (max RSS on CPU, max allocated on CUDA) is its own. Printed: real (non-pad)
 tokens/s of each side, the ratio, and peak memory.
 
-    python scripts/bench_sft.py [--rows 1200] [--epochs 1]
+    python scripts/bench_sft.py [--rows 1200] [--epochs 1] [--set data.max_length=512 ...]
 
-What differs is only what each side does by default: TRL pads each batch to its longest row and
-turns on gradient checkpointing and bf16 autocast; tunelab packs rows best-fit into
-padding-free sequences (no cross-row attention), and uses fp32 on CPU without checkpointing
-for a model that fits.
+What differs is only what each side does by default: TRL pads each batch of 8 to its longest
+row, turns on gradient checkpointing and bf16 autocast, and computes the loss with its chunked
+fused LM head; tunelab packs rows best-fit into rows of max_length (one padded row each, no
+cross-example attention), uses fp32 on CPU without checkpointing for a model that fits, and
+computes the loss from the plain logits when they are small. Extra `--set key=value` overrides
+apply to the tunelab side's recipe.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_loss(trainer) -> float:
+    """The epoch's mean training loss as the Trainer reports it."""
+    return next(h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h)
 
 
 def rows(n: int) -> list[dict]:
@@ -64,13 +71,13 @@ def side_trl(n: int, epochs: float, out: str) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "steps": trainer.state.global_step,
+    return {"tokens": tokens, "seconds": seconds, "steps": trainer.state.global_step, "train_loss": train_loss(trainer),
             "config": {"bf16": args.bf16, "use_cpu": args.use_cpu, "gradient_checkpointing": args.gradient_checkpointing,
                        "packing": args.packing, "batch_size": args.per_device_train_batch_size,
                        "max_length": args.max_length}}
 
 
-def side_tunelab(n: int, epochs: float, out: str) -> dict:
+def side_tunelab(n: int, epochs: float, out: str, extra: list[str] = ()) -> dict:
     """tunelab's SFT path: its data pipeline and trainer, from the quickstart recipe."""
     from tunelab.data.pipeline import build_datasets
     from tunelab.methods.sft import build_trainer
@@ -81,7 +88,7 @@ def side_tunelab(n: int, epochs: float, out: str) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
     loaded = load_recipe("recipes/quickstart/sft.yaml", [
         f"train.output_dir={out}", f"train.epochs={epochs}", "train.report_to=[none]", "train.save_steps=1000000",
-        "data.eval=[]", "data.max_length=1024", f"data.train.0.source={data}"])
+        "data.eval=[]", "data.max_length=1024", f"data.train.0.source={data}", *extra])
     recipe = loaded.recipe
     tok = builtin_tokenizer()
     train_ds, _, _ = build_datasets(recipe, tok)
@@ -92,7 +99,7 @@ def side_tunelab(n: int, epochs: float, out: str) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "steps": trainer.state.global_step,
+    return {"tokens": tokens, "seconds": seconds, "steps": trainer.state.global_step, "train_loss": train_loss(trainer),
             "config": {"packing": recipe.data.packing, "max_length": recipe.data.max_length,
                        "batch_size": recipe.train.batch_size, "precision": recipe.train.precision}}
 
@@ -102,18 +109,24 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1200)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--side", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="extra recipe override for the tunelab side (dotted.key=value)")
     a = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.side:
         with tempfile.TemporaryDirectory() as out:
-            result = (side_trl if a.side == "trl" else side_tunelab)(a.rows, a.epochs, out)
+            if a.side == "trl":
+                result = side_trl(a.rows, a.epochs, out)
+            else:
+                result = side_tunelab(a.rows, a.epochs, out, a.overrides)
         result["peak_mb"] = peak_memory_mb()
         print("RESULT " + json.dumps(result))
         return
     results = {}
     for side in ("trl", "tunelab"):
-        proc = subprocess.run([sys.executable, __file__, "--side", side, "--rows", str(a.rows), "--epochs",
-                               str(a.epochs)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        cmd = [sys.executable, __file__, "--side", side, "--rows", str(a.rows), "--epochs", str(a.epochs)]
+        cmd += [x for o in a.overrides for x in ("--set", o)] if side == "tunelab" else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             sys.exit(f"{side} side failed:\n{proc.stderr[-4000:]}")
@@ -125,7 +138,7 @@ def main() -> None:
     for side, r in results.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         print(f"{side:8s} {r['tokens_per_s']:10.1f} real tokens/s  ({r['tokens']:.0f} tokens, {r['steps']} steps, "
-              f"{r['seconds']:.1f} s)  peak memory {r['peak_mb']:.0f} MB  {r['config']}")
+              f"{r['seconds']:.1f} s, train loss {r['train_loss']:.3f})  peak memory {r['peak_mb']:.0f} MB  {r['config']}")
     ratio = results["tunelab"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
     print(f"ratio tunelab/trl: {ratio:.2f}x")
 

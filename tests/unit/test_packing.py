@@ -35,3 +35,52 @@ def test_packing_without_position_ids_would_leak():
         leaked = model(input_ids=torch.tensor([a + b])).logits[0, len(a) :]
         alone = model(input_ids=torch.tensor([b])).logits[0]
     assert not torch.allclose(leaked, alone, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_row_packed_batch_logits_equal_unpacked(name, attn):
+    """SDPA/eager batches: several packed rows, right-padded, no attention mask; each example's logits equal it alone."""
+    from tunelab.data.collate import PackedRowsCollator
+
+    model = builtin_model(name, attn_implementation=attn).eval()
+    g = torch.Generator().manual_seed(3)
+    bins = [[7, 19, 4], [12], [5, 9]]  # three packed rows of 30, 12 and 14 tokens
+    examples, seqs = [], []
+    for lengths in bins:
+        row = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        seqs.append(row)
+        flat = [t for r in row for t in r]
+        examples.append({"input_ids": flat, "labels": flat, "seq_lengths": lengths})
+    batch = PackedRowsCollator(pad_token_id=0)(examples)
+    assert batch["input_ids"].shape == (3, 30) and "attention_mask" not in batch
+    assert batch["num_real_tokens"] == 56
+    # no example's first token is a target (it would be predicted across an example boundary), pads are ignored
+    assert batch["labels"][0, [0, 7, 26]].eq(-100).all() and batch["labels"][1, 12:].eq(-100).all()
+    assert batch["labels"].ne(-100).sum() == 56 - 6
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for i, row in enumerate(seqs):
+            start = 0
+            for r in row:
+                alone = model(input_ids=torch.tensor([r])).logits[0]
+                torch.testing.assert_close(out[i, start : start + len(r)], alone, atol=1e-5, rtol=1e-5)
+                start += len(r)
+
+
+def test_sdpa_recipe_uses_row_collator(tmp_path):
+    """A packed SDPA run gets the per-row collator; TRL's concatenating one is kept only for flash-attention."""
+    from datasets import Dataset
+
+    from tunelab.data.collate import PackedRowsCollator
+    from tunelab.methods.sft import build_trainer
+    from tunelab.models.builtin import builtin_tokenizer
+    from tunelab.recipe.load import load_recipe
+
+    recipe = load_recipe("recipes/quickstart/sft.yaml", [f"train.output_dir={tmp_path}", "train.report_to=[none]"]).recipe
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (30, 40, 50)]
+    trainer = build_trainer(recipe, builtin_model("tiny-llama"), builtin_tokenizer(), Dataset.from_list(rows), None, [])
+    assert isinstance(trainer.data_collator, PackedRowsCollator)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1  # three short rows best-fit into one packed row of 120
+    assert batch["position_ids"][0].eq(0).sum() == 3

@@ -2,10 +2,14 @@
 
 The data arrive tokenized by tunelab (``tunelab.data``): ``input_ids`` plus ``labels`` with
 -100 on every token that is not an assistant/completion token, so TRL only packs and
-collates. Packing is best-fit decreasing and padding-free: the packed rows carry
-``position_ids`` that restart at 0, from which transformers builds a block-diagonal causal
-mask (SDPA/eager) or varlen kernels (flash-attention), so packed examples never attend to each
-other.
+collates. Packing is best-fit decreasing: packed rows carry ``position_ids`` that restart at 0
+at every example. With flash-attention the batch is padding-free (one concatenated row, varlen
+kernels); with SDPA/eager each packed row stays a row of its own (``tunelab.data.collate``) and
+transformers builds a block-diagonal causal mask from the position ids. Either way packed
+examples never attend to each other.
+
+For micro-batches whose logits are small, the loss comes from the plain logits rather than
+TRL's chunked fused head (same loss, gradients and metrics; faster on a CPU).
 """
 
 from __future__ import annotations
@@ -72,15 +76,97 @@ def trl_config(recipe: "Recipe", **extra: Any) -> Any:
     return SFTConfig(**kwargs)
 
 
-def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
-    """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
-    from tunelab.methods.common import atomic_checkpoints
+# Above this many bytes of fp32 logits per micro-batch, TRL's chunked fused LM head is used (it never
+# materialises the logits: the memory win for 150k-token vocabularies on a GPU). Below it, the
+# plain head + cross-entropy is used: on small vocabularies it is ~2x faster on a CPU
+# (measured: docs/benchmarks.md) and the logits cost little memory.
+FUSED_HEAD_MIN_LOGIT_BYTES = 256 * 2**20
 
+
+def sft_trainer_class() -> type:
+    """TRL's SFTTrainer with a direct loss path for micro-batches whose logits are small."""
+    import torch
     from trl import SFTTrainer
 
+    class TunelabSFTTrainer(SFTTrainer):
+        def _direct_loss_ok(self, inputs: dict) -> bool:
+            if self.compute_loss_func is not None or self.label_smoother is not None or self.aux_loss_enabled:
+                return False
+            if self.args.loss_type not in ("nll", "dft") or "labels" not in inputs:
+                return False
+            sp = getattr(self.accelerator, "parallelism_config", None)
+            if sp is not None and getattr(sp, "sp_enabled", False):
+                return False
+            head = self.model.get_output_embeddings()
+            vocab = head.weight.shape[0] if head is not None else None
+            return vocab is not None and inputs["input_ids"].numel() * vocab * 4 < FUSED_HEAD_MIN_LOGIT_BYTES
+
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            real_tokens = inputs.pop("num_real_tokens", None)  # set by PackedRowsCollator
+            mode = "train" if self.model.training else "eval"
+            if return_outputs or not self._direct_loss_ok(inputs):
+                before = self._total_train_tokens
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                if real_tokens is not None and mode == "train":  # TRL counts one row of a row-packed batch
+                    self._total_train_tokens = before + self._count_tokens(inputs, real_tokens)
+                    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                return result
+            labels = inputs["labels"]
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            model_inputs["use_cache"] = False
+            logits = model(**model_inputs).logits
+            # prompt tuning prepends virtual tokens to the logits; the real tokens are the last ones
+            logits = logits[:, -labels.size(1):][:, :-1].float()
+            target = labels[:, 1:].to(logits.device)
+            mask = target != -100
+            logp = -torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="none"
+            ).view(target.shape)
+            per_token = -logp
+            if self.args.loss_type == "dft":  # dynamic fine-tuning: weight each token by its own probability
+                per_token = per_token * logp.exp().detach()
+            denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token.sum() / torch.as_tensor(denom).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            with torch.no_grad():  # the same metrics TRL logs: entropy and top-1 accuracy on label tokens
+                valid = logits[mask]
+                lp = valid.log_softmax(-1)
+                entropy = -(lp.exp() * lp).sum(-1).sum()
+                correct = (valid.argmax(-1) == target[mask]).sum()
+            gather = self.accelerator.gather_for_metrics
+            n = gather(mask.sum()).sum()
+            e, c = gather(entropy).sum(), gather(correct).sum()
+            self._metrics[mode]["entropy"].append((e / n).item() if n > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((c / n).item() if n > 0 else 0.0)
+            if mode == "train":
+                self._total_train_tokens += self._count_tokens(inputs, real_tokens)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def _count_tokens(self, inputs: dict, real_tokens: int | None) -> int:
+            """Non-pad tokens in this micro-batch, summed over ranks (TRL's num_tokens metric)."""
+            device = inputs["input_ids"].device
+            if real_tokens is not None:
+                local = torch.tensor(real_tokens, device=device)
+            elif "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:  # TRL's padding-free batch: one row, no pads
+                local = torch.tensor(inputs["input_ids"].numel(), device=device)
+            return self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+
+    return TunelabSFTTrainer
+
+
+def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
+    from tunelab.data.collate import PackedRowsCollator, uses_varlen_attention
+    from tunelab.methods.common import atomic_checkpoints
+
     args = trl_config(recipe)
-    trainer_cls = atomic_checkpoints(SFTTrainer)
-    return trainer_cls(
+    trainer_cls = atomic_checkpoints(sft_trainer_class())
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -88,3 +174,7 @@ def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, e
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if args.packing and not uses_varlen_attention(model):
+        # SDPA/eager: one padded row per packed row instead of TRL's single concatenated row (see collate.py)
+        trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+    return trainer
