@@ -149,7 +149,7 @@ class DataSpec(Strict):
     on_overflow: Literal["truncate", "drop", "error"] = "drop"
     on_bad_row: Literal["error", "skip"] = "error"
     train_on_prompt: bool = Field(False, description="also put loss on user/system/prompt tokens")
-    packing: bool = Field(True, description="best-fit packing, padding-free, without cross-example attention")
+    packing: bool = Field(True, description="best-fit packing without cross-example attention (padding-free with flash-attention)")
     seed: int = 42
 
 
