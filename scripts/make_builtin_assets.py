@@ -2,8 +2,8 @@
 
     python scripts/make_builtin_assets.py
 
-Writes src/tunelab/data/builtin/quickstart/{sft,sft_eval,alpaca,text,prompt_completion}.jsonl
-and src/tunelab/models/assets/{tokenizer.json,chat_template.jinja}. The data are templated
+Writes src/tunelab/data/builtin/quickstart/{sft,sft_eval,alpaca,text,prompt_completion}.jsonl,
+{preference,preference_eval}.jsonl and src/tunelab/models/assets/{tokenizer.json,chat_template.jinja}. The data are templated
 task families (arithmetic, word games, invented facts) that a 2-layer model learns in a
 minute, with a long tail of long rows (lists, repetitions, stories) so lengths spread the way
 real chat data do. The tokenizer is a 2048-token byte-level BPE trained on this text plus
@@ -147,6 +147,77 @@ def make_data() -> list[str]:
     return corpus + GENERIC * 20 + SYSTEMS * 20
 
 
+UNHELPFUL = ["I don't know.", "I am not sure.", "I cannot help with that.", "Ask someone else.", "Maybe."]
+
+
+def wrong_answer(family: str, q: str, a: str, rng: random.Random) -> str:
+    """The same kind of answer with the fact wrong (a different number, word, city or colour)."""
+    import re
+
+    if family == "arithmetic":
+        head, value = a.rsplit(" is ", 1)
+        v = int(value.rstrip("."))
+        return f"{head} is {max(0, v + rng.choice([-3, -2, -1, 1, 2, 3, 10])) if v > 3 else v + rng.randint(1, 5)}."
+    if family == "reverse":
+        w = re.search(r"'(.*)'\.$", q).group(1)  # type: ignore[union-attr]
+        bad = w if w != w[::-1] else w + w[0]
+        return f"The reverse of '{w}' is '{bad}'."
+    if family == "capital":
+        country, city = a[len("The capital of ") : -1].split(" is ")
+        other = rng.choice([c for _, c in COUNTRIES if c != city])
+        return f"The capital of {country} is {other}."
+    if family == "count_letters":
+        n = int(a.split(" has ")[1].split()[0])
+        return a.replace(f" has {n} letters", f" has {n + rng.choice([-2, -1, 1, 2, 3])} letters")
+    if family == "upper":
+        return rng.choice([a.lower(), rng.choice([w for w in WORDS if w.upper() != a]).upper()])
+    obj, col = a[len("A ") : -1].split(" is ")
+    return f"A {obj} is {rng.choice([c for _, c in OBJECTS if c != col])}."
+
+
+def rejected_answer(family: str, q: str, a: str, rng: random.Random) -> str:
+    """A worse answer by construction: a wrong fact, another question's answer, a non-answer, or cut short."""
+    kind = rng.random()
+    if kind < 0.5:
+        bad = wrong_answer(family, q, a, rng)
+    elif kind < 0.7:
+        bad = rng.choice(SHORT)(rng)[1]
+    elif kind < 0.85:
+        bad = rng.choice(UNHELPFUL)
+    else:
+        words = a.split()
+        bad = " ".join(words[: max(1, len(words) // 2)]) if len(words) > 1 else a[: max(1, len(a) // 2)]
+    return bad if bad != a else rng.choice(UNHELPFUL)
+
+
+def preference_pair(rng: random.Random) -> dict:
+    msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.3 else []
+    if rng.random() < 0.1:  # an earlier exchange in the prompt
+        q0, a0 = rng.choice(SHORT)(rng)
+        msgs += [{"role": "user", "content": q0}, {"role": "assistant", "content": a0}]
+    family = rng.choice(SHORT)
+    q, a = family(rng)
+    msgs.append({"role": "user", "content": q})
+    bad = rejected_answer(family.__name__, q, a, rng)
+    return {"prompt": msgs, "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": bad}]}
+
+
+def make_preference() -> None:
+    """Preference pairs whose chosen answer is right and whose rejected answer is worse by construction."""
+    rng = random.Random(20261125)
+    seen: set[str] = set()
+    pairs: list[dict] = []
+    while len(pairs) < 2200:
+        p = preference_pair(rng)
+        key = json.dumps(p["prompt"])
+        if key not in seen:
+            seen.add(key)
+            pairs.append(p)
+    write_jsonl(DATA / "preference.jsonl", pairs[:2000])
+    write_jsonl(DATA / "preference_eval.jsonl", pairs[2000:])
+
+
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
@@ -176,4 +247,5 @@ def make_tokenizer(corpus: list[str]) -> None:
 
 if __name__ == "__main__":
     make_tokenizer(make_data())
+    make_preference()  # after the tokenizer: its text is not part of the tokenizer's training corpus
     print("wrote", DATA, ASSETS)

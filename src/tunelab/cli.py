@@ -88,6 +88,8 @@ def validate(
 def eval_(
     model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
     data: Annotated[str, typer.Option(help="data source (file, hub id or builtin:NAME)")],
+    task: Annotated[str, typer.Option(help="lm: perplexity (and --generate); reward: pairwise accuracy of a "
+                                      "reward model on preference pairs")] = "lm",
     format: Annotated[str, typer.Option(help="messages|sharegpt|alpaca|prompt_completion|text")] = "messages",
     max_length: Annotated[int, typer.Option()] = 1024,
     batch_size: Annotated[int, typer.Option()] = 8,
@@ -100,9 +102,14 @@ def eval_(
     num_beams: Annotated[int, typer.Option()] = 1,
     samples: Annotated[int, typer.Option(help="how many generations to print")] = 3,
 ) -> None:
-    """Perplexity of a model on data; with --generate, samples and BLEU/ROUGE-L."""
-    from tunelab.evaluate import run_eval
+    """Perplexity of a model on data; with --generate, samples and BLEU/ROUGE-L; --task reward: pairwise accuracy."""
+    from tunelab.evaluate import run_eval, run_reward_eval
 
+    if task == "reward":
+        _guard(run_reward_eval, model, data, max_length, batch_size, limit)
+        return
+    if task != "lm":
+        _fail(UserError(Problem("--task", f"unknown task {task!r}", "use lm or reward")))
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams)
     _guard(run_eval, model, data, format, max_length, batch_size, limit, gen if generate else None, samples)
 

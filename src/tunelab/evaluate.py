@@ -114,6 +114,61 @@ def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: 
     return result
 
 
+def load_reward_model(path: str) -> tuple[Any, Any]:
+    """(reward model, tokenizer) from a reward run dir, its final/, or a reward LoRA adapter dir."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunelab.models.builtin import builtin_tokenizer
+
+    path = resolve_model_dir(path)
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        cfg = json.loads((p / "adapter_config.json").read_text())
+        if cfg.get("task_type") != "SEQ_CLS":
+            raise UserError(Problem("MODEL", f"{path} is a {cfg.get('task_type')} adapter, not a reward model"))
+        base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"], num_labels=1,
+                                                                  use_safetensors=True)
+        model = PeftModel.from_pretrained(base, path)
+    elif (p / "config.json").is_file():
+        cfg = json.loads((p / "config.json").read_text())
+        if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
+            raise UserError(Problem("MODEL", f"{path} is not a reward model ({', '.join(cfg.get('architectures') or [])})",
+                                    "train one with method: reward"))
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+    else:
+        raise UserError(Problem("MODEL", f"{path} holds neither a model (config.json) nor an adapter"))
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tok = builtin_tokenizer()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int, limit: int | None) -> dict[str, Any]:
+    """Pairwise accuracy and mean margin of a reward model on preference pairs."""
+    from tunelab.data.pipeline import encode_source
+    from tunelab.methods.reward import pairwise
+    from tunelab.recipe.schema import DataSource, DataSpec
+
+    src = DataSource(source=data, format="preference")
+    spec = DataSpec(train=[src], max_length=max_length, on_overflow="truncate", on_bad_row="skip")
+    model, tok = load_reward_model(model_path)
+    rows, report = encode_source(src, "--data", tok, spec)
+    if limit:
+        rows = rows[:limit]
+    result = pairwise(model, rows, batch_size, tok.pad_token_id or 0)
+    _say(f"{data}: {result['pairs']} pairs (truncated {report.truncated}, skipped {report.skipped_bad})")
+    print(f"pairwise accuracy: {result['accuracy']:.4f}")
+    print(f"mean margin r(chosen) - r(rejected): {result['margin']:+.4f}  "
+          f"(mean reward chosen {result['reward_chosen']:+.4f}, rejected {result['reward_rejected']:+.4f})")
+    return result
+
+
 def run_generate(model_path: str, prompt: str, system: str | None, gen: dict[str, Any]) -> str:
     from tunelab.eval.generate import generate
 

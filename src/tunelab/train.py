@@ -63,7 +63,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     from transformers import set_seed
 
     from tunelab.data.pipeline import build_datasets, data_fingerprints
-    from tunelab.eval.perplexity import perplexity
     from tunelab.methods import method_module
     from tunelab.models.builtin import builtin_model
     from tunelab.models.load import load_model, load_tokenizer
@@ -81,7 +80,11 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     check_lock_data(loaded.path, fingerprints)
     write_lock(run.lock, loaded, fingerprints)
 
-    model = load_model(recipe.model, quantization_of(recipe), full_finetune=recipe.peft is None)
+    module = method_module(recipe.method)
+    head = getattr(module, "MODEL_HEAD", "causal")
+    model = load_model(recipe.model, quantization_of(recipe), full_finetune=recipe.peft is None, head=head)
+    if head == "score":  # the reward head reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.model.path.startswith("builtin:"):
         model.config.name_or_path = recipe.model.path
     if recipe.peft is not None:
@@ -90,11 +93,11 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             # (unquantized, so that `tunelab merge` folds the adapter into full-precision weights)
             base_dir = (run.root / "base").resolve()
             if not base_dir.exists():
-                builtin_model(recipe.model.path[len("builtin:") :]).save_pretrained(base_dir)
+                builtin_model(recipe.model.path[len("builtin:") :], head=head).save_pretrained(base_dir)
                 tokenizer.save_pretrained(base_dir)
             model.config.name_or_path = str(base_dir)
             model.name_or_path = str(base_dir)
-        model = apply_peft(model, recipe.peft, tokenizer, recipe.model.gradient_checkpointing)
+        model = apply_peft(model, recipe.peft, tokenizer, recipe.model.gradient_checkpointing, head=head)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         _say(f"peft {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters")
@@ -103,17 +106,18 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             recipe.data.packing = False
 
     summary: dict[str, Any] = {"output_dir": str(run.root)}
-    pad_id = tokenizer.pad_token_id or 0
-    eval_bs = recipe.train.eval_batch_size or recipe.train.batch_size
-    if eval_ds is not None and recipe.train.eval_before_train and resume_from is None:
-        before = perplexity(model, eval_ds, eval_bs, pad_id)
+    before = None
+    want_before = recipe.train.eval_before_train or getattr(module, "EVAL_BEFORE", False)
+    if eval_ds is not None and want_before and resume_from is None:
+        before = module.evaluate(model, eval_ds, recipe, tokenizer)
         summary["eval_before"] = before
-        _say(f"eval perplexity before training: {before['perplexity']:.3f} ({before['tokens']} tokens)")
+        if "perplexity" in before:
+            _say(f"eval perplexity before training: {before['perplexity']:.3f} ({before['tokens']} tokens)")
         run.summary.write_text(json.dumps(summary, indent=2))
     elif resume_from is not None and run.summary.is_file():
         summary.update({k: v for k, v in json.loads(run.summary.read_text()).items() if k == "eval_before"})
+        before = summary.get("eval_before")
 
-    module = method_module(recipe.method)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # read by transformers' callback
     trainer = module.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
     if resume_from is not None:
@@ -131,13 +135,12 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         summary["train_loss"] = losses
         _say(f"train loss: first 10% of logged steps {losses['first']:.4f} -> last 10% {losses['last']:.4f}")
     if eval_ds is not None:
-        after = perplexity(model, eval_ds, eval_bs, pad_id)
+        after = module.evaluate(model, eval_ds, recipe, tokenizer)
         summary["eval_after"] = after
-        if "eval_before" in summary:
-            _say(f"eval perplexity: {summary['eval_before']['perplexity']:.3f} (untrained) -> "
-                 f"{after['perplexity']:.3f} (trained)")
-        else:
-            _say(f"eval perplexity: {after['perplexity']:.3f}")
+        lines, extra = module.report(before, after, recipe)
+        summary.update(extra)
+        for line in lines:
+            _say(line)
     if trainer.is_world_process_zero():
         plot_metrics(run)
         run.summary.write_text(json.dumps(summary, indent=2))

@@ -5,6 +5,13 @@ Canonical SFT rows are one of:
   {"prompt": str, "completion": str}      (plain text, no chat template)
   {"text": str}                            (language modelling, loss on every token)
 
+Canonical preference rows (format ``preference``, for reward models and DPO) are one of:
+  {"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}
+  {"prompt": str, "chosen": str, "rejected": str}   (plain text, no chat template)
+read from ``{prompt, chosen, rejected}`` (strings or conversations) or from ``{chosen, rejected}``
+conversations that share their opening turns (the shared prefix is the prompt). A pair may
+carry a numeric ``margin`` (reward models subtract it inside the sigmoid).
+
 A row that cannot be converted raises ``BadRow`` with the reason; the caller adds file and
 row number and either stops or counts and skips it (``data.on_bad_row``).
 """
@@ -24,6 +31,7 @@ REQUIRED_FIELDS = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("chosen", "rejected"),
 }
 
 
@@ -132,3 +140,75 @@ def to_canonical(row: Any, src: Any) -> dict[str, Any]:
             raise BadRow("text is empty")
         return {"text": text}
     raise BadRow(f"unknown format {fmt!r}")  # the schema rules this out
+
+
+def _response(value: Any, src: Any, side: str) -> list[dict[str, str]]:
+    """One side of a pair as assistant messages (a string is one assistant message)."""
+    if isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    msgs = _messages(value, src, "messages") if value else []
+    if not msgs or not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        raise BadRow(f"{side} is empty")
+    if msgs[0]["role"] != "assistant":
+        raise BadRow(f"{side} must start with an assistant message, got {msgs[0]['role']!r}")
+    return msgs
+
+
+def to_preference(row: Any, src: Any) -> dict[str, Any]:
+    """Convert one row into a canonical preference pair; raise BadRow if it cannot."""
+    if not isinstance(row, dict):
+        raise BadRow(f"a row must be a mapping, got {type(row).__name__}")
+    fm = src.field_map
+    chosen, rejected = _field(row, "chosen", fm), _field(row, "rejected", fm)
+    prompt = _field(row, "prompt", fm, required=False)
+    out: dict[str, Any]
+    if prompt is None:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise BadRow(f"missing field {fm.get('prompt', 'prompt')!r}: without a prompt, chosen and rejected "
+                         "must be conversations that share their opening turns")
+        c, r = _messages(chosen, src, "messages"), _messages(rejected, src, "messages")
+        if c == r:
+            raise BadRow("chosen and rejected are identical")
+        k = 0
+        while k < min(len(c), len(r)) and c[k] == r[k]:
+            k += 1
+        while k > 0 and c[k - 1]["role"] == "assistant":  # a response starts at an assistant turn
+            k -= 1
+        if k == 0:
+            raise BadRow("chosen and rejected share no opening turns to use as the prompt; add a prompt field")
+        prompt = c[:k]
+        out = {"prompt": prompt, "chosen": _response(c[k:], src, "chosen"),
+               "rejected": _response(r[k:], src, "rejected")}
+    elif isinstance(prompt, list) or isinstance(chosen, list) or isinstance(rejected, list):
+        msgs = _messages(prompt, src, "messages") if isinstance(prompt, list) else [
+            {"role": "user", "content": _text(prompt, "prompt")}]
+        out = {"prompt": msgs, "chosen": _response(chosen, src, "chosen"),
+               "rejected": _response(rejected, src, "rejected")}
+    else:
+        out = {"prompt": _text(prompt, "prompt"), "chosen": _text(chosen, "chosen"),
+               "rejected": _text(rejected, "rejected")}
+        for side in ("chosen", "rejected"):
+            if not out[side].strip():
+                raise BadRow(f"{side} is empty")
+    if isinstance(out["prompt"], list):
+        if src.system and out["prompt"][0]["role"] != "system":
+            out["prompt"].insert(0, {"role": "system", "content": src.system})
+        if not any(m["role"] != "system" and m["content"].strip() for m in out["prompt"]):
+            raise BadRow("prompt is empty")
+        if out["prompt"][-1]["role"] == "assistant":
+            raise BadRow("the prompt ends with an assistant turn; the response must be the next assistant turn")
+    elif not out["prompt"].strip():
+        raise BadRow("prompt is empty")
+    if out["chosen"] == out["rejected"]:
+        raise BadRow("chosen and rejected are identical")
+    margin = _field(row, "margin", fm, required=False)
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise BadRow(f"margin must be a number, got {margin!r}")
+        out["margin"] = float(margin)
+    return out
+
+
+def convert(row: Any, src: Any) -> dict[str, Any]:
+    """The canonical row of ``src.format``: a preference pair or an SFT row."""
+    return to_preference(row, src) if src.format == "preference" else to_canonical(row, src)

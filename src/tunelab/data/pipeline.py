@@ -1,6 +1,9 @@
 """Build the training and eval datasets of a recipe, and check its data without loading a model.
 
 Every row is converted (formats), tokenized (tokenize) and measured against ``max_length``.
+SFT rows become ``input_ids`` + ``labels``; preference pairs become ``prompt_ids``,
+``chosen_ids``, ``rejected_ids`` (and ``margin`` when the data has one), measured as prompt +
+the longer response, and truncated by cutting the responses.
 Rows that overflow are truncated, dropped or reported as errors as the recipe says; bad rows
 stop the run with file and row, or are counted and skipped. The counts go into a
 ``DataReport`` that is printed and saved in the run directory: nothing is lost silently.
@@ -12,9 +15,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tunelab.data.formats import REQUIRED_FIELDS, BadRow, to_canonical
+from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
 from tunelab.data.sources import fingerprint, iter_rows, resolve_source
-from tunelab.data.tokenize import IGNORE, encode_row
+from tunelab.data.tokenize import IGNORE, encode_pair, encode_row
 from tunelab.errors import DataError, Problem
 
 
@@ -62,17 +65,68 @@ class DataReport:
         return asdict(self)
 
 
-def encode_source(src: Any, key: str, tokenizer: Any, data_spec: Any) -> tuple[list[dict[str, list[int]]], SourceReport]:
+def _overflow(where: str, n: int, data_spec: Any) -> None:
+    if data_spec.on_overflow == "error":
+        raise DataError(Problem(where, f"{n} tokens, more than data.max_length={data_spec.max_length}",
+                                "raise data.max_length, or set data.on_overflow: truncate or drop"))
+
+
+def _encode_sft(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: Any,
+                report: SourceReport) -> dict[str, Any] | None:
+    max_len = data_spec.max_length
+    ids, labels = encode_row(tokenizer, canonical, data_spec.train_on_prompt)
+    report.max_tokens = max(report.max_tokens, len(ids))
+    if len(ids) > max_len:
+        _overflow(where, len(ids), data_spec)
+        if data_spec.on_overflow == "drop":
+            report.dropped_overflow += 1
+            return None
+        ids, labels = ids[:max_len], labels[:max_len]
+        report.truncated += 1
+    if all(t == IGNORE for t in labels[1:]):
+        report.dropped_no_labels += 1
+        return None
+    report.tokens += len(ids)
+    report.label_tokens += sum(t != IGNORE for t in labels[1:])
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: Any,
+                       report: SourceReport) -> dict[str, Any] | None:
+    max_len = data_spec.max_length
+    p, c, r = encode_pair(tokenizer, canonical)
+    longest = len(p) + max(len(c), len(r))
+    report.max_tokens = max(report.max_tokens, longest)
+    if longest > max_len:
+        _overflow(where, longest, data_spec)
+        if data_spec.on_overflow == "drop" or len(p) >= max_len:  # a prompt that fills max_length leaves no response
+            report.dropped_overflow += 1
+            return None
+        c, r = c[: max_len - len(p)], r[: max_len - len(p)]
+        report.truncated += 1
+        if c == r:
+            report.dropped_no_labels += 1
+            return None
+    report.tokens += 2 * len(p) + len(c) + len(r)
+    report.label_tokens += len(c) + len(r)
+    out: dict[str, Any] = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+    if "margin" in canonical:
+        out["margin"] = canonical["margin"]
+    return out
+
+
+def encode_source(src: Any, key: str, tokenizer: Any, data_spec: Any) -> tuple[list[dict[str, Any]], SourceReport]:
     """Read, convert and tokenize one source, applying the overflow and bad-row rules."""
     resolved = resolve_source(src.source, key)
     report = SourceReport(source=resolved.label)
-    examples: list[dict[str, list[int]]] = []
-    max_len = data_spec.max_length
+    examples: list[dict[str, Any]] = []
+    encode = _encode_preference if src.format == "preference" else _encode_sft
+    has_margin: set[bool] = set()
     for rowno, row in iter_rows(src, resolved):
         report.rows += 1
         where = f"{resolved.label} row {rowno}"
         try:
-            canonical = to_canonical(row, src)
+            canonical = convert(row, src)
         except BadRow as exc:
             if data_spec.on_bad_row == "error":
                 raise DataError(Problem(where, str(exc), "fix the row, or set data.on_bad_row: skip")) from None
@@ -80,24 +134,15 @@ def encode_source(src: Any, key: str, tokenizer: Any, data_spec: Any) -> tuple[l
             if len(report.bad_examples) < 5:
                 report.bad_examples.append(f"{where}: {exc}")
             continue
-        ids, labels = encode_row(tokenizer, canonical, data_spec.train_on_prompt)
-        report.max_tokens = max(report.max_tokens, len(ids))
-        if len(ids) > max_len:
-            if data_spec.on_overflow == "error":
-                raise DataError(Problem(where, f"{len(ids)} tokens, more than data.max_length={max_len}",
-                                        "raise data.max_length, or set data.on_overflow: truncate or drop"))
-            if data_spec.on_overflow == "drop":
-                report.dropped_overflow += 1
-                continue
-            ids, labels = ids[:max_len], labels[:max_len]
-            report.truncated += 1
-        if all(t == IGNORE for t in labels[1:]):
-            report.dropped_no_labels += 1
+        example = encode(canonical, where, tokenizer, data_spec, report)
+        if example is None:
             continue
+        has_margin.add("margin" in example)
+        if len(has_margin) > 1:
+            raise DataError(Problem(where, "some pairs have a margin and others do not",
+                                    "give every pair a margin, or none"))
         report.used += 1
-        report.tokens += len(ids)
-        report.label_tokens += sum(t != IGNORE for t in labels[1:])
-        examples.append({"input_ids": ids, "labels": labels})
+        examples.append(example)
     if report.rows == 0:
         raise DataError(Problem(key, f"{resolved.label} has no rows"))
     if report.used == 0:
@@ -135,7 +180,7 @@ def mix(parts: list[list[dict[str, Any]]], sources: list[Any], seed: int) -> lis
 
 
 def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
-    """(train Dataset, eval Dataset or None, report) with columns input_ids and labels."""
+    """(train Dataset, eval Dataset or None, report): SFT columns input_ids + labels, or the pair columns."""
     from datasets import Dataset
 
     d = recipe.data
@@ -162,8 +207,12 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
         train = [row for j, row in enumerate(train) if j not in held]
     report.train_rows, report.eval_rows = len(train), len(eval_rows)
 
+    if len({frozenset(part[0]) for part in parts + eval_parts}) > 1:
+        raise DataError(Problem("data", "train and eval sources mix formats (SFT rows and preference pairs, "
+                                    "or pairs with and without margin)", "use one kind of data for one method"))
+
     def to_ds(rows: list[dict[str, Any]]) -> Any:
-        return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
+        return Dataset.from_dict({c: [r[c] for r in rows] for c in rows[0]})
 
     return to_ds(train), (to_ds(eval_rows) if eval_rows else None), report
 
@@ -205,7 +254,7 @@ def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ..
                 for rowno, row in iter_rows(src, resolved, limit=first_rows):
                     n += 1
                     try:
-                        to_canonical(row, src)
+                        convert(row, src)
                     except BadRow as exc:
                         if recipe.data.on_bad_row == "error":
                             problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),

@@ -57,3 +57,32 @@ def encode_row(tokenizer: Any, row: dict[str, Any], train_on_prompt: bool) -> tu
         mask = [1] * len(ids)
     labels = [t if m else IGNORE for t, m in zip(ids, mask)]
     return ids, labels
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_pair(tokenizer: Any, pair: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of one canonical preference pair.
+
+    Conversations: the prompt is rendered with the generation prompt (``<|im_start|>assistant``
+    and the like), each response is what the full conversation adds after it. If a template
+    renders the prompt differently inside the full conversation, the prompt is cut where the
+    renderings diverge, so prompt + response is always exactly the rendered conversation.
+    Plain text: the prompt with the tokenizer's special tokens, each response without, plus eos.
+    """
+    if isinstance(pair["prompt"], list):
+        p = _render_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
+        c = _render_ids(tokenizer, pair["prompt"] + pair["chosen"])
+        r = _render_ids(tokenizer, pair["prompt"] + pair["rejected"])
+        k = min(len(p), _common_prefix(p, c), _common_prefix(p, r))
+        return p[:k], c[k:], r[k:]
+    eos = [tokenizer.eos_token_id]
+    p = tokenizer(pair["prompt"], add_special_tokens=True)["input_ids"]
+    c = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + eos
+    r = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + eos
+    return p, c, r

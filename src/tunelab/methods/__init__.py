@@ -2,7 +2,9 @@
 
 Each method lives in one module that holds its recipe block (a pydantic model, imported here,
 so it must not import torch at module level) and its ``build_trainer`` / ``trl_config``
-functions (heavy imports inside). ``method_module(spec)`` finds the module of a block.
+functions (heavy imports inside), ``ACCEPTED_FORMATS``, ``MODEL_HEAD`` (causal | score) and
+``evaluate`` / ``report`` for the held-out numbers printed after training.
+``method_module(spec)`` finds the module of a block.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from types import ModuleType
 
 from pydantic import BaseModel
 
+from tunelab.methods.dpo import DPOMethod
+from tunelab.methods.reward import RewardMethod
 from tunelab.methods.sft import SFTMethod
 
-METHODS: dict[str, type[BaseModel]] = {"sft": SFTMethod}
+METHODS: dict[str, type[BaseModel]] = {"sft": SFTMethod, "reward": RewardMethod, "dpo": DPOMethod}
 
 
 def method_module(spec: BaseModel) -> ModuleType:

@@ -43,6 +43,8 @@ OWNED_TRL_FIELDS = {
 
 
 ACCEPTED_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+MODEL_HEAD = "causal"
+EVAL_BEFORE = False  # only with train.eval_before_train
 
 
 def trl_config_class() -> type:
@@ -178,3 +180,19 @@ def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, e
         # SDPA/eager: one padded row per packed row instead of TRL's single concatenated row (see collate.py)
         trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
     return trainer
+
+
+def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+    """Eval perplexity: exp of the mean NLL over every trained token of the eval rows."""
+    from tunelab.eval.perplexity import perplexity
+
+    bs = recipe.train.eval_batch_size or recipe.train.batch_size
+    return perplexity(model, eval_ds, bs, tokenizer.pad_token_id or 0)
+
+
+def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+    if before is not None:
+        line = f"eval perplexity: {before['perplexity']:.3f} (untrained) -> {after['perplexity']:.3f} (trained)"
+    else:
+        line = f"eval perplexity: {after['perplexity']:.3f}"
+    return [line], {}

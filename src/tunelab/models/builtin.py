@@ -61,19 +61,29 @@ def builtin_tokenizer() -> Any:
     return tok
 
 
-def builtin_model(name: str, dtype: Any = None, attn_implementation: str = "sdpa") -> Any:
-    """A freshly initialised built-in model (same weights every time: fixed seed)."""
+def builtin_model(name: str, dtype: Any = None, attn_implementation: str = "sdpa", head: str = "causal") -> Any:
+    """A freshly initialised built-in model (same weights every time: fixed seed).
+
+    ``head="score"``: the same body with a one-output score head (a reward model) instead of
+    the LM head.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
     config = builtin_config(name)
     config._attn_implementation = attn_implementation
+    auto = AutoModelForCausalLM
+    if head == "score":
+        config.num_labels = 1
+        auto = AutoModelForSequenceClassification
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(INIT_SEED)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        model = auto.from_config(config, attn_implementation=attn_implementation)
     if dtype is not None:
         model = model.to(dtype)
+    if head == "score":
+        return model
     model.generation_config = GenerationConfig(
         bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=64, do_sample=False
     )

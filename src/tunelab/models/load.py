@@ -73,14 +73,19 @@ def bnb_config(q: Any) -> Any:
     )
 
 
-def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True) -> Any:
-    """The causal LM of ``spec`` (quantized when a quantization block is given)."""
-    from transformers import AutoModelForCausalLM
+def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, head: str = "causal") -> Any:
+    """The causal LM of ``spec`` (quantized when a quantization block is given).
+
+    ``head="score"`` loads the same checkpoint as a one-output sequence classifier (a reward
+    model): the body's weights, a new score head unless the checkpoint already has one.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = resolve_dtype(spec, full_finetune)
+    auto: Any = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
     if spec.path.startswith("builtin:"):
         name = spec.path[len("builtin:") :]
-        model = builtin_model(name, dtype=dtype, attn_implementation=spec.attn_implementation)
+        model = builtin_model(name, dtype=dtype, attn_implementation=spec.attn_implementation, head=head)
         if quantization is None:
             return model
         # quantization happens at load time: go through a saved copy like any local checkpoint
@@ -95,8 +100,10 @@ def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True) 
         kwargs["revision"] = revision
     if quantization is not None:
         kwargs["quantization_config"] = bnb_config(quantization)
+    if head == "score":
+        kwargs["num_labels"] = 1
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return auto.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise UserError(Problem("model.path", f"cannot load model from {spec.path!r}: {exc}"[:500],
                                 "check the hub id or directory; only safetensors weights are loaded")) from None

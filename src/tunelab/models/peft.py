@@ -21,13 +21,18 @@ def quantization_of(recipe: Any) -> Any:
     return recipe.model.quantization
 
 
-def peft_config(spec: Any) -> Any:
-    """The peft library config for a recipe ``peft`` block."""
+def peft_config(spec: Any, head: str = "causal") -> Any:
+    """The peft library config for a recipe ``peft`` block.
+
+    For a reward model (``head="score"``) the task is sequence classification, so PEFT also
+    trains and saves the new score head (``modules_to_save``).
+    """
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
+    task = TaskType.SEQ_CLS if head == "score" else TaskType.CAUSAL_LM
     if spec.method in ("lora", "dora", "qlora"):
         return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
+            task_type=task,
             r=spec.r,
             lora_alpha=spec.alpha,
             lora_dropout=spec.dropout,
@@ -38,19 +43,20 @@ def peft_config(spec: Any) -> Any:
             modules_to_save=spec.modules_to_save,
         )
     if spec.method == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=spec.num_virtual_tokens,
                                   prefix_projection=spec.prefix_projection)
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens)
+    return PromptTuningConfig(task_type=task, num_virtual_tokens=spec.num_virtual_tokens)
 
 
-def apply_peft(model: Any, spec: Any, tokenizer: Any, gradient_checkpointing: bool = False) -> Any:
+def apply_peft(model: Any, spec: Any, tokenizer: Any, gradient_checkpointing: bool = False,
+               head: str = "causal") -> Any:
     """Wrap ``model`` in a PeftModel; only the adapter's parameters stay trainable."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    model = get_peft_model(model, peft_config(spec))
+    model = get_peft_model(model, peft_config(spec, head))
     if spec.method == "prompt" and spec.init_text:
         # initialise the soft prompt from the text's token embeddings, repeated to fill it
         ids = tokenizer(spec.init_text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]

@@ -1,0 +1,219 @@
+"""Direct preference optimisation on TRL's DPOTrainer: DPO, IPO and TRL's other pairwise losses.
+
+DPO (Rafailov et al. 2023, eq. 7), with the reference model the seed notes leave out in their
+short form:
+
+    L = -log σ(β [(log πθ(y+|x) - log πref(y+|x)) - (log πθ(y-|x) - log πref(y-|x))])
+
+where log π(y|x) sums the response tokens' log-probabilities. IPO (Azar et al. 2023, eq. 17)
+regresses the same log-ratio difference h onto 1/(2τ), τ = ``beta``:
+
+    L = (h - 1/(2β))^2
+
+with h computed from length-averaged log-probabilities, as TRL does and as the IPO authors'
+reported results use (the seed's form drops the reference and writes 1/β). The implicit reward
+of a response is β (log πθ(y|x) - log πref(y|x)); its chosen-minus-rejected mean is the
+"margin" metric. The reference is the starting weights: a frozen copy for full fine-tuning, the
+same weights with the adapters disabled under PEFT (no second copy), or ``reference:`` a path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+
+# TRL 1.16's pairwise losses (DPOConfig.loss_type)
+DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+class DPOMethod(BaseModel):
+    """Preference optimisation against a frozen reference: DPO (sigmoid), IPO and TRL's other pairwise losses."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["dpo"]
+    loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description="one loss, or several combined with loss_weights")
+    loss_weights: list[float] | None = Field(None, description="one weight per loss_type entry (default: all 1)")
+    beta: float = Field(0.1, gt=0, description="KL strength (τ for IPO): larger keeps the policy nearer the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust DPO flip probability / EXO epsilon")
+    reference: str | None = Field(None, description="explicit reference model (path or hub id); default: the "
+                                  "starting weights (with PEFT: the base with adapters disabled)")
+    precompute_ref_log_probs: bool = Field(False, description="score the data with the reference once, up front, "
+                                           "and drop the reference from memory")
+    trl: dict[str, Any] = Field(default_factory=dict, description="extra DPOConfig fields, validated before training")
+
+    @property
+    def losses(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DPOMethod":
+        if isinstance(self.loss_type, list) and not self.loss_type:
+            raise ValueError("loss_type: give at least one loss")
+        if self.loss_weights is not None:
+            if len(self.loss_weights) != len(self.losses):
+                raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(self.losses)} "
+                                 "loss_type entries; give one weight per loss")
+            if any(w < 0 for w in self.loss_weights):
+                raise ValueError("loss_weights must not be negative")
+        if "exo_pair" in self.losses and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        return self
+
+
+OWNED_TRL_FIELDS = {
+    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "max_length", "bf16", "fp16", "gradient_checkpointing",
+    "activation_checkpointing", "report_to", "logging_steps", "save_steps", "save_total_limit", "beta", "loss_type",
+    "loss_weights", "label_smoothing", "precompute_ref_log_probs",
+}
+ACCEPTED_FORMATS = ("preference",)
+MODEL_HEAD = "causal"
+
+
+def trl_config_class() -> type:
+    from trl import DPOConfig
+
+    return DPOConfig
+
+
+def trl_config(recipe: "Recipe", **extra: Any) -> Any:
+    """The DPOConfig of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
+    from trl import DPOConfig
+
+    from tunelab.methods.common import training_arguments
+
+    m: DPOMethod = recipe.method
+    kwargs = training_arguments(recipe)
+    kwargs.update(
+        max_length=recipe.data.max_length,  # the pipeline already fits every pair; the collator cuts nothing
+        beta=m.beta,
+        loss_type=m.losses,
+        loss_weights=m.loss_weights,
+        label_smoothing=m.label_smoothing,
+        precompute_ref_log_probs=m.precompute_ref_log_probs,
+        dataset_num_proc=None,
+    )
+    kwargs.update(m.trl)
+    kwargs.update(extra)
+    return DPOConfig(**kwargs)
+
+
+def dpo_trainer_class() -> type:
+    """TRL's DPOTrainer taking tunelab's tokenized pairs as they are, with the PEFT reference = base."""
+    from trl import DPOTrainer
+
+    class TunelabDPOTrainer(DPOTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            model = self.accelerator.unwrap_model(self.model)
+            if self.ref_model is None and "ref" in getattr(model, "peft_config", {}):
+                # TRL keeps a copy of the starting adapter as the reference; ours are fresh (B = 0), so the
+                # reference is the base: drop the copy and let TRL disable the adapters instead
+                model.delete_adapter("ref")
+                model.set_adapter("default")
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+                return dataset  # tokenized, masked and length-checked by tunelab.data
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return TunelabDPOTrainer
+
+
+def load_reference(recipe: "Recipe", model: Any) -> Any:
+    """The frozen reference model: ``method.reference``, else a copy of the starting weights (None under PEFT)."""
+    import copy
+
+    from tunelab.models.load import load_model
+
+    m: DPOMethod = recipe.method
+    if m.reference:
+        spec = recipe.model.model_copy(update={"path": m.reference, "revision": None})
+        ref = load_model(spec, None, full_finetune=True)
+    elif recipe.peft is not None or m.precompute_ref_log_probs:
+        return None  # adapters disabled / scored once before training
+    else:
+        ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    """A DPOTrainer over tunelab-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)."""
+    from tunelab.methods.common import atomic_checkpoints
+
+    args = trl_config(recipe)
+    ref = load_reference(recipe, model)
+    trainer_cls = atomic_checkpoints(dpo_trainer_class())
+    return trainer_cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                       processing_class=tokenizer, callbacks=callbacks)
+
+
+# ---- evaluation on held-out pairs -------------------------------------------------------------
+
+
+def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[str, list[float]]:
+    """Summed response log-probabilities log π(chosen|x), log π(rejected|x) of every pair."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    chosen: list[float] = []
+    rejected: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            seqs = [r["prompt_ids"] + r[side] for side in ("chosen_ids", "rejected_ids") for r in rows]
+            resp = [len(r[side]) for side in ("chosen_ids", "rejected_ids") for r in rows]
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, s in enumerate(seqs):
+                ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -width:].float()
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+            sums = [float(logp[j, len(s) - 1 - n : len(s) - 1].sum()) for j, (s, n) in enumerate(zip(seqs, resp))]
+            chosen += sums[: len(rows)]
+            rejected += sums[len(rows) :]
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+    """Per-pair log π(chosen) and log π(rejected) on the eval pairs, and their mean difference."""
+    bs = recipe.train.eval_batch_size or recipe.train.batch_size
+    lp = pair_logps(model, eval_ds, bs, tokenizer.pad_token_id or 0)
+    n = len(lp["chosen"])
+    return {"pairs": n, "logp_chosen": lp["chosen"], "logp_rejected": lp["rejected"],
+            "mean_logratio": sum(c - r for c, r in zip(lp["chosen"], lp["rejected"])) / max(n, 1)}
+
+
+def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+    """Lines to print and summary entries: implicit-reward margin against the starting model, log-ratio change."""
+    out: dict[str, Any] = {"mean_logratio_after": after["mean_logratio"]}
+    lines = []
+    if before is not None:
+        beta = recipe.method.beta
+        margins = [beta * ((ac - bc) - (ar - br)) for ac, bc, ar, br in
+                   zip(after["logp_chosen"], before["logp_chosen"], after["logp_rejected"], before["logp_rejected"])]
+        out["mean_logratio_before"] = before["mean_logratio"]
+        out["implicit_reward_margin"] = sum(margins) / max(len(margins), 1)
+        out["implicit_reward_accuracy"] = sum(m > 0 for m in margins) / max(len(margins), 1)
+        ref = "the starting model" + (" (not method.reference)" if recipe.method.reference else " (the reference)")
+        lines.append(f"held-out implicit reward margin vs {ref}: {out['implicit_reward_margin']:+.4f} "
+                     f"(positive on {out['implicit_reward_accuracy']:.0%} of {after['pairs']} pairs)")
+        lines.append(f"held-out mean log π(chosen) - log π(rejected): {before['mean_logratio']:+.4f} (start) -> "
+                     f"{after['mean_logratio']:+.4f} (trained)")
+    else:
+        lines.append(f"held-out mean log π(chosen) - log π(rejected): {after['mean_logratio']:+.4f}")
+    return lines, out
+
+
+EVAL_BEFORE = True  # the margin needs the starting model's log-probs

@@ -1,0 +1,130 @@
+"""Reward models on TRL's RewardTrainer: a scalar head trained on preference pairs.
+
+The model is ``AutoModelForSequenceClassification`` with one label, initialised from a causal
+LM checkpoint (typically the SFT output): the transformer body is loaded, the score head is new.
+Its reward r(x, y) is the head's output at the last non-pad token of prompt + response. The
+pairwise (Bradley-Terry) loss, as in the seed notes and InstructGPT (Ouyang et al. 2022):
+
+    L = -log σ(r(x, y+) - r(x, y-) - m)
+
+with m the pair's ``margin`` when the data has one (Llama 2, Touvron et al. 2023), else 0, plus
+``center_rewards_coefficient`` * mean((r+ + r-)^2) when set (Eisenstein et al. 2023).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+
+
+class RewardMethod(BaseModel):
+    """A reward model: -log σ(r(x,y+) - r(x,y-) - margin) on preference pairs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Literal["reward"]
+    center_rewards_coefficient: float | None = Field(None, ge=0, description="pull rewards toward zero mean")
+    trl: dict[str, Any] = Field(default_factory=dict, description="extra RewardConfig fields, validated before training")
+
+
+OWNED_TRL_FIELDS = {
+    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "max_length", "bf16", "fp16", "gradient_checkpointing",
+    "activation_checkpointing", "report_to", "logging_steps", "save_steps", "save_total_limit",
+    "center_rewards_coefficient",
+}
+ACCEPTED_FORMATS = ("preference",)
+MODEL_HEAD = "score"
+EVAL_BEFORE = False
+
+
+def trl_config_class() -> type:
+    from trl import RewardConfig
+
+    return RewardConfig
+
+
+def trl_config(recipe: "Recipe", **extra: Any) -> Any:
+    """The RewardConfig of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
+    from trl import RewardConfig
+
+    from tunelab.methods.common import training_arguments
+
+    m: RewardMethod = recipe.method
+    kwargs = training_arguments(recipe)
+    kwargs.update(max_length=recipe.data.max_length, center_rewards_coefficient=m.center_rewards_coefficient,
+                  dataset_num_proc=None)
+    kwargs.update(m.trl)
+    kwargs.update(extra)
+    return RewardConfig(**kwargs)
+
+
+def as_sequences(dataset: Any) -> Any:
+    """Pairs (prompt_ids, chosen_ids, rejected_ids) -> whole sequences (chosen_ids, rejected_ids) for scoring."""
+    if dataset is None:
+        return None
+    keep = [c for c in dataset.column_names if c == "margin"]
+    return dataset.map(lambda r: {"chosen_ids": r["prompt_ids"] + r["chosen_ids"],
+                                  "rejected_ids": r["prompt_ids"] + r["rejected_ids"]},
+                       remove_columns=[c for c in dataset.column_names if c not in ("chosen_ids", "rejected_ids", *keep)])
+
+
+def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    """A RewardTrainer over tunelab-tokenized pairs."""
+    from trl import RewardTrainer
+
+    from tunelab.methods.common import atomic_checkpoints
+
+    args = trl_config(recipe)
+    trainer_cls = atomic_checkpoints(RewardTrainer)
+    return trainer_cls(model=model, args=args, train_dataset=as_sequences(train_ds), eval_dataset=as_sequences(eval_ds),
+                       processing_class=tokenizer, callbacks=callbacks)
+
+
+# ---- scoring and evaluation ---------------------------------------------------------------------
+
+
+def score(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int) -> list[float]:
+    """The reward of each token sequence (right-padded; the head reads the last real token)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start : start + batch_size]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, s in enumerate(batch):
+                ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+            out += model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+    return out
+
+
+def pairwise(model: Any, pairs: Any, batch_size: int, pad_id: int) -> dict[str, Any]:
+    """Pairwise accuracy (share of pairs with r(chosen) > r(rejected)) and mean margin r(chosen) - r(rejected)."""
+    rows = [pairs[i] for i in range(len(pairs))]
+    chosen = score(model, [r["prompt_ids"] + r["chosen_ids"] for r in rows], batch_size, pad_id)
+    rejected = score(model, [r["prompt_ids"] + r["rejected_ids"] for r in rows], batch_size, pad_id)
+    n = max(len(rows), 1)
+    return {"pairs": len(rows), "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+            "margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+            "reward_chosen": sum(chosen) / n, "reward_rejected": sum(rejected) / n}
+
+
+def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+    bs = recipe.train.eval_batch_size or recipe.train.batch_size
+    return pairwise(model, eval_ds, bs, tokenizer.pad_token_id or 0)
+
+
+def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+    head = f"{before['accuracy']:.3f} (new head) -> " if before else ""
+    lines = [f"held-out pairwise accuracy: {head}{after['accuracy']:.3f} on {after['pairs']} pairs; "
+             f"mean margin r(chosen) - r(rejected) {after['margin']:+.4f}"]
+    return lines, {"pairwise_accuracy": after["accuracy"], "mean_margin": after["margin"]}
