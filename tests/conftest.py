@@ -44,3 +44,13 @@ def _no_gpu_tests_without_cuda(request):
 
         if not torch.cuda.is_available():
             pytest.skip("needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def quickstart_sft(tmp_path_factory):
+    """A quickstart SFT run (~40 s) shared by the tests that need a trained SFT model:
+    (run dir, returncode, stdout, stderr) of `tunelab train recipes/quickstart/sft.yaml`."""
+    out = tmp_path_factory.mktemp("quickstart") / "sft"
+    proc = subprocess.run([*tunelab_cmd(), "train", "recipes/quickstart/sft.yaml", "--set", f"train.output_dir={out}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=900, env=dict(os.environ))
+    return out, proc.returncode, proc.stdout, proc.stderr

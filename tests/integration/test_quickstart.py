@@ -6,9 +6,8 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quickstart_sft_learns(run_cli, tmp_path):
-    out = tmp_path / "qs"
-    rc, stdout, stderr = run_cli("train", "recipes/quickstart/sft.yaml", "--set", f"train.output_dir={out}")
+def test_quickstart_sft_learns(run_cli, quickstart_sft):
+    out, rc, stdout, stderr = quickstart_sft
     assert rc == 0, stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     loss = summary["train_loss"]

@@ -147,10 +147,10 @@ def _response(value: Any, src: Any, side: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         value = [{"role": "assistant", "content": value}]
     msgs = _messages(value, src, "messages") if value else []
-    if not msgs or not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-        raise BadRow(f"{side} is empty")
-    if msgs[0]["role"] != "assistant":
+    if msgs and msgs[0]["role"] != "assistant":
         raise BadRow(f"{side} must start with an assistant message, got {msgs[0]['role']!r}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        raise BadRow(f"{side} is empty")
     return msgs
 
 

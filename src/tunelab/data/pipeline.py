@@ -227,11 +227,18 @@ def data_fingerprints(recipe: Any) -> list[dict[str, Any]]:
     return out
 
 
-def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None) -> tuple[list[Problem], list[str]]:
-    """Resolve every source and convert its first rows; (problems, notes). No model, no tokenizer.
+LOCAL_CHECK_ROWS = 200_000  # validate converts every row of a local file up to this many
+MAX_ROW_PROBLEMS = 10  # bad rows listed per source; the rest are counted
 
-    A hub dataset that cannot be reached offline is a note, not a problem: validate runs on
-    machines without hub access (CI), and training will load it where the hub is reachable.
+
+def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None) -> tuple[list[Problem], list[str]]:
+    """Resolve every source and convert its rows; (problems, notes). No model, no tokenizer.
+
+    Local and bundled files are read whole (up to ``LOCAL_CHECK_ROWS`` rows), so a bad row
+    anywhere (an identical preference pair on row 9000) stops the run here, not mid-training.
+    Hub datasets are checked on their first rows; one that cannot be reached offline is a note,
+    not a problem: validate runs on machines without hub access (CI), and training will load
+    it where the hub is reachable.
     """
     import os
 
@@ -250,17 +257,25 @@ def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ..
                                               or os.environ.get("HF_DATASETS_OFFLINE") == "1"):
                     notes.append(f"{key}.source: hub dataset {resolved.hub_id!r} not checked (offline)")
                     continue
-                n = 0
-                for rowno, row in iter_rows(src, resolved, limit=first_rows):
+                limit = LOCAL_CHECK_ROWS if resolved.is_local else first_rows
+                n, bad = 0, 0
+                for rowno, row in iter_rows(src, resolved, limit=limit):
                     n += 1
                     try:
                         convert(row, src)
                     except BadRow as exc:
                         if recipe.data.on_bad_row == "error":
-                            problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),
-                                                    f"format is {src.format!r}; fix the data, the format or field_map"))
+                            bad += 1
+                            if bad <= MAX_ROW_PROBLEMS:
+                                problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),
+                                                        f"format is {src.format!r}; fix the data, the format or "
+                                                        "field_map, or set data.on_bad_row: skip"))
+                if bad > MAX_ROW_PROBLEMS:
+                    problems.append(Problem(f"{key}: {resolved.label}", f"{bad - MAX_ROW_PROBLEMS} more bad rows"))
                 if n == 0:
                     problems.append(Problem(f"{key}.source", f"{resolved.label} has no rows"))
+                elif n == limit and resolved.is_local:
+                    notes.append(f"{key}.source: checked the first {limit} rows of {resolved.label}")
             except DataError as exc:
                 problems.extend(exc.problems)
     return problems, notes

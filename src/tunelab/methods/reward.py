@@ -81,8 +81,16 @@ def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, e
 
     args = trl_config(recipe)
     trainer_cls = atomic_checkpoints(RewardTrainer)
-    return trainer_cls(model=model, args=args, train_dataset=as_sequences(train_ds), eval_dataset=as_sequences(eval_ds),
-                       processing_class=tokenizer, callbacks=callbacks)
+    trainer = trainer_cls(model=model, args=args, train_dataset=as_sequences(train_ds),
+                          eval_dataset=as_sequences(eval_ds), processing_class=tokenizer, callbacks=callbacks)
+    # With a quantized base, TRL casts every trainable tensor to bf16 (QLoRA's adapters). LoRA layers cast
+    # their input, but the new score head (a plain Linear in modules_to_save) does not: without bf16
+    # autocast (fp32 on a CPU) it would get fp32 hidden states. Keep it in the hidden states' dtype.
+    hidden_dtype = trainer.model.get_input_embeddings().weight.dtype
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad and "lora_" not in name and param.dtype != hidden_dtype:
+            param.data = param.data.to(hidden_dtype)
+    return trainer
 
 
 # ---- scoring and evaluation ---------------------------------------------------------------------
