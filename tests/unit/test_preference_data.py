@@ -161,3 +161,10 @@ def test_validate_reports_reward_recipe_on_sft_builtin(tmp_path, run_cli):
     rc, _, err = run_cli("validate", recipe)
     assert rc == 2 and "builtin:quickstart/sft row 1" in err and "missing field 'chosen'" in err
     assert "more bad rows" in err  # every row is checked, the first ten are listed
+
+
+def test_missing_starting_run_is_named_before_loading(tmp_path, run_cli):
+    rc, out, err = run_cli("train", "recipes/quickstart/dpo.yaml", "--set", f"model.path={tmp_path}/sft/final",
+                           "--set", f"train.output_dir={tmp_path}/dpo")
+    assert rc == 2 and "model.path:" in err and "does not exist" in err and "train the run" in err
+    assert not (tmp_path / "dpo").exists()  # stopped before the run directory or any weights

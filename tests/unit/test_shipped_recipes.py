@@ -24,8 +24,8 @@ def test_the_walk_finds_the_library():
 def test_recipe_validates(path):
     loaded, notes = validate(path)
     assert loaded.recipe.method.name
-    for note in notes:  # only hub datasets may go unchecked, and only because this machine is offline
-        assert "not checked (offline)" in note
+    for note in notes:  # hub datasets unchecked offline, and a chain's input run not trained yet
+        assert "not checked (offline)" in note or "it is a run's output" in note, note
 
 
 @pytest.mark.parametrize("base", BASES, ids=lambda p: str(p.relative_to(REPO / "recipes")))

@@ -29,6 +29,20 @@ def attn_problems(spec: Any) -> list[Problem]:
     return []
 
 
+def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
+    """A path that can only be a local directory (not ``org/name``) and does not exist."""
+    if path.startswith("builtin:"):
+        return None
+    local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
+    p = Path(path).expanduser()
+    if not local or p.exists():
+        return None
+    hint = "check the path"
+    if p.name == "final":
+        hint = f"it is a run's output: train the run that writes {p.parent} first"
+    return Problem(key, f"{path} does not exist", hint)
+
+
 def resolve_dtype(spec: Any, full_finetune: bool) -> Any:
     """auto: bf16 weights on a bf16 GPU for PEFT (fp32 master weights for full fine-tuning), fp32 on CPU."""
     import torch
