@@ -21,9 +21,24 @@ def resolve_model_dir(path: str) -> str:
     return path
 
 
+def inference_tokenizer(path: str) -> Any:
+    """The tokenizer saved with a model (the bundled one for built-in bases), with a pad token."""
+    from transformers import AutoTokenizer
+
+    from tunelab.models.builtin import builtin_tokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tok = builtin_tokenizer()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) from a full model dir, a PEFT adapter dir, a run dir, or builtin:tiny-*."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from tunelab.models.builtin import builtin_model, builtin_tokenizer
 
@@ -57,13 +72,7 @@ def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
             model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
         except OSError as exc:
             raise UserError(Problem("MODEL", f"cannot load {path!r}: {exc}"[:400])) from None
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tok = builtin_tokenizer()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    return model, inference_tokenizer(path)
 
 
 def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: int, limit: int | None,
@@ -116,9 +125,7 @@ def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: 
 
 def load_reward_model(path: str) -> tuple[Any, Any]:
     """(reward model, tokenizer) from a reward run dir, its final/, or a reward LoRA adapter dir."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from tunelab.models.builtin import builtin_tokenizer
+    from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_dir(path)
     p = Path(path)
@@ -139,12 +146,7 @@ def load_reward_model(path: str) -> tuple[Any, Any]:
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
     else:
         raise UserError(Problem("MODEL", f"{path} holds neither a model (config.json) nor an adapter"))
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tok = builtin_tokenizer()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = inference_tokenizer(path)
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 

@@ -57,11 +57,9 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     for note in notes:
         _say(note)
     recipe = loaded.recipe
-    from tunelab.models.load import missing_local_model
+    from tunelab.models.load import missing_models
 
-    missing = [m for m in (missing_local_model(recipe.model.path),
-                           missing_local_model(getattr(recipe.method, "reference", None) or "builtin:", "method.reference"))
-               if m]
+    missing = missing_models(recipe)
     if missing:
         raise UserError(missing)
     run = RunDir(Path(recipe.train.output_dir))

@@ -48,6 +48,18 @@ class PackedRowsCollator:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_real_tokens": real}
 
 
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(ids, attention_mask) of token sequences right-padded to the longest: for scoring passes."""
+    import torch
+
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
 def uses_varlen_attention(model: Any) -> bool:
     """Whether the model's attention has variable-length (padding-free) kernels: flash-attention."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""

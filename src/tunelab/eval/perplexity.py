@@ -29,6 +29,8 @@ def perplexity(model: Any, dataset: Any, batch_size: int = 8, pad_id: int = 0) -
     """{"perplexity", "nll", "tokens"} of ``model`` over rows with input_ids and labels."""
     import torch
 
+    from tunelab.data.collate import pad_right
+
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -36,15 +38,8 @@ def perplexity(model: Any, dataset: Any, batch_size: int = 8, pad_id: int = 0) -
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, r in enumerate(batch):
-                n = len(r["input_ids"])
-                ids[j, :n] = torch.tensor(r["input_ids"])
-                labels[j, :n] = torch.tensor(r["labels"])
-                mask[j, :n] = 1
+            ids, mask = pad_right([r["input_ids"] for r in batch], pad_id)
+            labels, _ = pad_right([r["labels"] for r in batch], IGNORE)
             s, c = token_nll(model, ids.to(device), labels.to(device), mask.to(device))
             total += s
             count += c

@@ -164,6 +164,8 @@ def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[s
     """Summed response log-probabilities log π(chosen|x), log π(rejected|x) of every pair."""
     import torch
 
+    from tunelab.data.collate import pad_right
+
     model.eval()
     device = next(model.parameters()).device
     chosen: list[float] = []
@@ -173,11 +175,8 @@ def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[s
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             seqs = [r["prompt_ids"] + r[side] for side in ("chosen_ids", "rejected_ids") for r in rows]
             resp = [len(r[side]) for side in ("chosen_ids", "rejected_ids") for r in rows]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, s in enumerate(seqs):
-                ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+            ids, mask = pad_right(seqs, pad_id)
+            width = ids.size(1)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -width:].float()
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
             sums = [float(logp[j, len(s) - 1 - n : len(s) - 1].sum()) for j, (s, n) in enumerate(zip(seqs, resp))]

@@ -100,17 +100,14 @@ def score(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int) 
     """The reward of each token sequence (right-padded; the head reads the last real token)."""
     import torch
 
+    from tunelab.data.collate import pad_right
+
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
-            batch = sequences[start : start + batch_size]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, s in enumerate(batch):
-                ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+            ids, mask = pad_right(sequences[start : start + batch_size], pad_id)
             out += model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
     return out
 

@@ -43,6 +43,12 @@ def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
     return Problem(key, f"{path} does not exist", hint)
 
 
+def missing_models(recipe: Any) -> list[Problem]:
+    """``model.path`` and ``method.reference`` when they can only be local directories and do not exist."""
+    paths = (("model.path", recipe.model.path), ("method.reference", getattr(recipe.method, "reference", None)))
+    return [m for key, path in paths if path and (m := missing_local_model(path, key))]
+
+
 def resolve_dtype(spec: Any, full_finetune: bool) -> Any:
     """auto: bf16 weights on a bf16 GPU for PEFT (fp32 master weights for full fine-tuning), fp32 on CPU."""
     import torch

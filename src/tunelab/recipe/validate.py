@@ -82,11 +82,8 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
         problems += attn_problems(loaded.recipe.model)
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
-    from tunelab.models.load import missing_local_model
+    from tunelab.models.load import missing_models
 
-    for key, model_path in (("model.path", loaded.recipe.model.path),
-                            ("method.reference", getattr(loaded.recipe.method, "reference", None))):
-        missing = missing_local_model(model_path, key) if model_path else None
-        if missing:  # a note here (a chain's later recipes validate before the earlier runs exist); train stops
-            notes.append(str(missing))
+    # a note here (a chain's later recipes validate before the earlier runs exist); train stops on it
+    notes += [str(m) for m in missing_models(loaded.recipe)]
     return loaded, notes
