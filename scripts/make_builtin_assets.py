@@ -218,6 +218,27 @@ def make_preference() -> None:
     write_jsonl(DATA / "preference_eval.jsonl", pairs[2000:])
 
 
+def make_rl() -> None:
+    """Prompt-only rows with a reference answer, for online RL (grpo, ppo) on a verifiable task.
+
+    The task is the colour question the quickstart SFT model half knows: greedy it mostly
+    answers right, sampled at temperature 1 it mostly does not (it garbles the object or the
+    colour), so the reward has room to rise. Each prompt is an (object, system prompt) pair;
+    the eval prompts are pairs that never appear in train.
+    """
+    rng = random.Random(20261126)
+    prompts = []
+    for obj, col in OBJECTS:
+        for system in [None, *SYSTEMS]:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": f"What colour is a {obj}?"}]
+            prompts.append({"prompt": msgs, "answer": f"A {obj} is {col}."})
+    rng.shuffle(prompts)
+    n_eval = len(prompts) // 4
+    write_jsonl(DATA / "rl.jsonl", prompts[n_eval:])
+    write_jsonl(DATA / "rl_eval.jsonl", prompts[:n_eval])
+
+
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
@@ -248,4 +269,5 @@ def make_tokenizer(corpus: list[str]) -> None:
 if __name__ == "__main__":
     make_tokenizer(make_data())
     make_preference()  # after the tokenizer: its text is not part of the tokenizer's training corpus
+    make_rl()
     print("wrote", DATA, ASSETS)

@@ -89,13 +89,13 @@ def metrics_callback(run: RunDir) -> Any:
     return MetricsJsonl()
 
 
-def loss_summary(metrics: list[dict[str, Any]]) -> dict[str, float] | None:
-    """Mean training loss over the first and last 10% of logged steps."""
-    losses = [m["loss"] for m in metrics if "loss" in m and "eval_loss" not in m]
-    if len(losses) < 2:
+def loss_summary(metrics: list[dict[str, Any]], key: str = "loss") -> dict[str, float] | None:
+    """Mean of a logged training metric (loss, or an RL method's reward) over the first and last 10% of logged steps."""
+    values = [m[key] for m in metrics if key in m and "eval_loss" not in m]
+    if len(values) < 2:
         return None
-    k = max(1, len(losses) // 10)
-    return {"first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k, "logged_steps": len(losses)}
+    k = max(1, len(values) // 10)
+    return {"first": sum(values[:k]) / k, "last": sum(values[-k:]) / k, "logged_steps": len(values)}
 
 
 def plot_metrics(run: RunDir) -> Path | None:

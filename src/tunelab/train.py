@@ -135,10 +135,13 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run.final))
     summary["global_step"] = trainer.state.global_step
-    losses = loss_summary(run.read_metrics())
-    if losses:
-        summary["train_loss"] = losses
-        _say(f"train loss: first 10% of logged steps {losses['first']:.4f} -> last 10% {losses['last']:.4f}")
+    metrics = run.read_metrics()
+    for key, name in (("loss", "train_loss"), ("reward", "train_reward")):
+        got = loss_summary(metrics, key)
+        if got:
+            summary[name] = got
+            _say(f"train {key}: first 10% of logged steps {got['first']:.4f} -> last 10% {got['last']:.4f} "
+                 f"({got['logged_steps']} logged steps)")
     if eval_ds is not None:
         after = module.evaluate(model, eval_ds, recipe, tokenizer)
         summary["eval_after"] = after

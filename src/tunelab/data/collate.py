@@ -60,6 +60,19 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     return ids, mask
 
 
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(ids, attention_mask) of token sequences left-padded to the longest: prompts to generate from."""
+    import torch
+
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        if s:
+            ids[j, width - len(s):], mask[j, width - len(s):] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
 def uses_varlen_attention(model: Any) -> bool:
     """Whether the model's attention has variable-length (padding-free) kernels: flash-attention."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""

@@ -12,6 +12,12 @@ read from ``{prompt, chosen, rejected}`` (strings or conversations) or from ``{c
 conversations that share their opening turns (the shared prefix is the prompt). A pair may
 carry a numeric ``margin`` (reward models subtract it inside the sigmoid).
 
+Canonical prompt-only rows (format ``prompt``, for online RL: grpo, ppo) are
+  {"prompt": [messages ending with a user turn], **extra columns}
+read from ``prompt`` (a string = one user message, or a conversation). Every other column of
+the row (a reference ``answer``, a task id...) is kept as it is and handed to the reward
+functions.
+
 A row that cannot be converted raises ``BadRow`` with the reason; the caller adds file and
 row number and either stops or counts and skips it (``data.on_bad_row``).
 """
@@ -32,6 +38,7 @@ REQUIRED_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "preference": ("chosen", "rejected"),
+    "prompt": ("prompt",),
 }
 
 
@@ -209,6 +216,34 @@ def to_preference(row: Any, src: Any) -> dict[str, Any]:
     return out
 
 
+def to_prompt(row: Any, src: Any) -> dict[str, Any]:
+    """Convert one row into a canonical prompt-only row (prompt messages + extra columns)."""
+    if not isinstance(row, dict):
+        raise BadRow(f"a row must be a mapping, got {type(row).__name__}")
+    col = src.field_map.get("prompt", "prompt")
+    prompt = _field(row, "prompt", src.field_map)
+    if isinstance(prompt, list):
+        msgs = _messages(prompt, src, "messages")
+    else:
+        msgs = [{"role": "user", "content": _text(prompt, "prompt")}]
+    if src.system and msgs and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": src.system})
+    if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
+        raise BadRow("prompt is empty")
+    if msgs[-1]["role"] != "user":
+        raise BadRow(f"the prompt ends with a {msgs[-1]['role']} turn; it must end with a user turn for the "
+                     "model to answer")
+    extras = {k: v for k, v in row.items() if k != col}
+    clash = {"prompt_ids", "completion", "completion_ids"} & set(extras)
+    if clash:
+        raise BadRow(f"column {sorted(clash)[0]!r} is reserved for generated text; rename it")
+    return {"prompt": msgs, **extras}
+
+
 def convert(row: Any, src: Any) -> dict[str, Any]:
-    """The canonical row of ``src.format``: a preference pair or an SFT row."""
-    return to_preference(row, src) if src.format == "preference" else to_canonical(row, src)
+    """The canonical row of ``src.format``: a preference pair, a prompt-only row or an SFT row."""
+    if src.format == "preference":
+        return to_preference(row, src)
+    if src.format == "prompt":
+        return to_prompt(row, src)
+    return to_canonical(row, src)

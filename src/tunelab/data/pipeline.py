@@ -3,7 +3,9 @@
 Every row is converted (formats), tokenized (tokenize) and measured against ``max_length``.
 SFT rows become ``input_ids`` + ``labels``; preference pairs become ``prompt_ids``,
 ``chosen_ids``, ``rejected_ids`` (and ``margin`` when the data has one), measured as prompt +
-the longer response, and truncated by cutting the responses.
+the longer response, and truncated by cutting the responses. Prompt-only rows (online RL)
+become ``prompt`` (messages, for TRL) + ``prompt_ids`` + their extra columns; a prompt over
+``max_length`` is dropped or an error (cutting a prompt changes the question).
 Rows that overflow are truncated, dropped or reported as errors as the recipe says; bad rows
 stop the run with file and row, or are counted and skipped. The counts go into a
 ``DataReport`` that is printed and saved in the run directory: nothing is lost silently.
@@ -17,7 +19,7 @@ from typing import Any
 
 from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
 from tunelab.data.sources import fingerprint, iter_rows, resolve_source
-from tunelab.data.tokenize import IGNORE, encode_pair, encode_row
+from tunelab.data.tokenize import IGNORE, encode_pair, encode_prompt, encode_row
 from tunelab.errors import DataError, Problem
 
 
@@ -115,12 +117,24 @@ def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, da
     return out
 
 
+def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: Any,
+                   report: SourceReport) -> dict[str, Any] | None:
+    ids = encode_prompt(tokenizer, canonical["prompt"])
+    report.max_tokens = max(report.max_tokens, len(ids))
+    if len(ids) > data_spec.max_length:
+        _overflow(where, len(ids), data_spec)
+        report.dropped_overflow += 1  # truncate too: half a question has no right answer
+        return None
+    report.tokens += len(ids)
+    return {**canonical, "prompt_ids": ids}
+
+
 def encode_source(src: Any, key: str, tokenizer: Any, data_spec: Any) -> tuple[list[dict[str, Any]], SourceReport]:
     """Read, convert and tokenize one source, applying the overflow and bad-row rules."""
     resolved = resolve_source(src.source, key)
     report = SourceReport(source=resolved.label)
     examples: list[dict[str, Any]] = []
-    encode = _encode_preference if src.format == "preference" else _encode_sft
+    encode = {"preference": _encode_preference, "prompt": _encode_prompt}.get(src.format, _encode_sft)
     has_margin: set[bool] = set()
     for rowno, row in iter_rows(src, resolved):
         report.rows += 1

@@ -86,3 +86,8 @@ def encode_pair(tokenizer: Any, pair: dict[str, Any]) -> tuple[list[int], list[i
     c = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + eos
     r = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + eos
     return p, c, r
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt rendered with the generation prompt: what the policy continues."""
+    return _render_ids(tokenizer, messages, add_generation_prompt=True)

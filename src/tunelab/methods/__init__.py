@@ -3,7 +3,9 @@
 Each method lives in one module that holds its recipe block (a pydantic model, imported here,
 so it must not import torch at module level) and its ``build_trainer`` / ``trl_config``
 functions (heavy imports inside), ``ACCEPTED_FORMATS``, ``MODEL_HEAD`` (causal | score) and
-``evaluate`` / ``report`` for the held-out numbers printed after training.
+``evaluate`` / ``report`` for the held-out numbers printed after training, and optionally
+``check_recipe(recipe) -> list[Problem]`` for checks beyond the schema. A method without a TRL
+trainer (ppo) has no ``trl_config``.
 ``method_module(spec)`` finds the module of a block.
 """
 
@@ -15,10 +17,13 @@ from types import ModuleType
 from pydantic import BaseModel
 
 from tunelab.methods.dpo import DPOMethod
+from tunelab.methods.grpo import GRPOMethod
+from tunelab.methods.ppo import PPOMethod
 from tunelab.methods.reward import RewardMethod
 from tunelab.methods.sft import SFTMethod
 
-METHODS: dict[str, type[BaseModel]] = {"sft": SFTMethod, "reward": RewardMethod, "dpo": DPOMethod}
+METHODS: dict[str, type[BaseModel]] = {"sft": SFTMethod, "reward": RewardMethod, "dpo": DPOMethod,
+                                       "grpo": GRPOMethod, "ppo": PPOMethod}
 
 
 def method_module(spec: BaseModel) -> ModuleType:

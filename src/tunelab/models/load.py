@@ -44,8 +44,13 @@ def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
 
 
 def missing_models(recipe: Any) -> list[Problem]:
-    """``model.path`` and ``method.reference`` when they can only be local directories and do not exist."""
-    paths = (("model.path", recipe.model.path), ("method.reference", getattr(recipe.method, "reference", None)))
+    """Model paths of a recipe (model, reference, reward models, critic) that can only be local directories
+    and do not exist."""
+    paths = [("model.path", recipe.model.path), ("method.reference", getattr(recipe.method, "reference", None))]
+    paths += [(f"method.rewards.{i}.model", r.model) for i, r in enumerate(getattr(recipe.method, "rewards", None) or [])]
+    critic = getattr(recipe.method, "critic", None)
+    if critic not in (None, "policy", "reward_model"):
+        paths.append(("method.critic", critic))
     return [m for key, path in paths if path and (m := missing_local_model(path, key))]
 
 

@@ -118,7 +118,7 @@ class DataSource(Strict):
     """One dataset: a local file, a hub dataset or a bundled one, in one of the known formats."""
 
     source: str = Field(description="path to .jsonl/.json/.parquet/.csv, a hub dataset id, or builtin:NAME")
-    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"] = "messages"
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt"] = "messages"
     split: str = "train"
     config: str | None = Field(None, description="hub dataset configuration name")
     revision: str | None = None

@@ -24,6 +24,8 @@ def trl_problems(loaded: LoadedRecipe) -> list[Problem]:
 
     recipe = loaded.recipe
     module = method_module(recipe.method)
+    if not hasattr(module, "trl_config"):
+        return []  # a trainer of our own (ppo): its fields are all in the schema
     trl = getattr(recipe.method, "trl", {}) or {}
     problems = []
     owned = getattr(module, "OWNED_TRL_FIELDS", set())
@@ -62,6 +64,32 @@ def report_to_problems(recipe: Any) -> list[Problem]:
             if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None]
 
 
+def reward_column_problems(recipe: Any) -> list[Problem]:
+    """Columns the built-in rewards read (e.g. ``answer``) must exist in the first row of each local source."""
+    from tunelab.data.formats import BadRow, convert
+    from tunelab.data.sources import iter_rows, resolve_source
+    from tunelab.errors import DataError
+    from tunelab.rewards import required_columns
+
+    need = required_columns(recipe.method.rewards)
+    problems = []
+    for split in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, split)):
+            try:
+                resolved = resolve_source(src.source, f"data.{split}[{i}].source")
+                if not resolved.is_local:
+                    continue
+                for _, row in iter_rows(src, resolved, limit=1):
+                    missing = need - set(convert(row, src))
+                    if missing:
+                        problems.append(Problem(f"data.{split}[{i}]", f"{resolved.label} has no column "
+                                                f"{sorted(missing)[0]!r}, which a reward in method.rewards reads",
+                                                "add the column, or set the reward's column: to one it has"))
+            except (DataError, BadRow):
+                continue  # reported by check_data
+    return problems
+
+
 def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[LoadedRecipe, list[str]]:
     """Fully check a recipe without loading weights; (loaded recipe, notes) or RecipeError."""
     loaded = load_recipe(path, overrides)  # raises on schema problems, before heavy imports
@@ -72,6 +100,16 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
     formats = getattr(module, "ACCEPTED_FORMATS", None)
     problems, notes = check_data(loaded.recipe, accepted_formats=formats)
     problems += report_to_problems(loaded.recipe)
+    if hasattr(module, "check_recipe"):
+        problems += module.check_recipe(loaded.recipe)
+    rewards = getattr(loaded.recipe.method, "rewards", None)
+    if rewards:
+        from tunelab.rewards import reward_problems
+
+        found, reward_notes = reward_problems(rewards)
+        problems += found
+        notes += reward_notes
+        problems += reward_column_problems(loaded.recipe)
     # Building the TRL config imports torch and TRL (seconds). Skip it when the answer is already
     # "fix these first", unless method.trl holds keys of its own that only TRL can check.
     if not problems or getattr(loaded.recipe.method, "trl", None):

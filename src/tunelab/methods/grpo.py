@@ -1,0 +1,147 @@
+"""GRPO on TRL's GRPOTrainer, with tunelab's reward functions and prompt-only data.
+
+Group relative policy optimisation (Shao et al. 2024, DeepSeekMath; seed 004): for each
+prompt sample a group of G = ``num_generations`` completions, score them, and use the
+group-normalised reward as every token's advantage,
+
+    A_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G)        (``scale_rewards: group``)
+
+in PPO's clipped surrogate (ε = ``epsilon``, optionally ``epsilon_high`` as in DAPO), with
+no critic; ``beta`` > 0 adds a k3 KL penalty to the reference (the starting weights; with
+PEFT the base with adapters disabled). ``scale_rewards: batch`` divides by the batch std,
+``none`` only centres (Dr. GRPO). ``loss_type`` picks how token losses are averaged.
+
+Batch sizes are counted in completions, as in TRL: ``train.batch_size`` completions per device
+per micro-step; ``batch_size * grad_accum * processes`` must be a multiple of
+``num_generations``. Generation uses vLLM when it is installed and a GPU is present
+(``generation: auto``), transformers' ``generate`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from tunelab.methods.online import ACCEPTED_FORMATS, EVAL_BEFORE, OnlineRLFields, evaluate, report
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+
+__all__ = ["ACCEPTED_FORMATS", "EVAL_BEFORE", "GRPOMethod", "build_trainer", "evaluate", "report", "trl_config"]
+
+GRPOLoss = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+
+
+class GRPOMethod(OnlineRLFields):
+    """Group relative policy optimisation on TRL's GRPOTrainer."""
+
+    name: Literal["grpo"]
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (the group)")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference; 0 loads no reference")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="lower clip ε of the ratio")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip (DAPO's clip-higher); default: epsilon")
+    loss_type: GRPOLoss = Field("dapo", description="how token losses are aggregated (TRL's names)")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="divide the centred reward "
+                                                             "by the group std, the batch std, or nothing")
+    num_iterations: int = Field(1, ge=1, description="optimisation passes per generated batch (μ)")
+    mask_truncated_completions: bool = Field(False, description="no loss on completions cut at max_completion_length")
+    generation: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM when installed "
+                                                                "and a GPU is present, else transformers")
+    trl: dict[str, Any] = Field(default_factory=dict, description="extra GRPOConfig fields, validated before training")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GRPOMethod":
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError("epsilon_high is smaller than epsilon; it is the upper clip (1 + epsilon_high)")
+        return self
+
+
+OWNED_TRL_FIELDS = {
+    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "bf16", "fp16", "gradient_checkpointing", "activation_checkpointing",
+    "report_to", "logging_steps", "save_steps", "save_total_limit", "num_generations", "beta", "epsilon",
+    "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "max_completion_length", "temperature",
+    "top_p", "reward_weights", "use_vllm", "mask_truncated_completions",
+}
+MODEL_HEAD = "causal"
+
+
+def use_vllm(m: GRPOMethod) -> bool:
+    """vLLM for generation: asked for, or ``auto`` with vLLM importable and a CUDA GPU."""
+    if m.generation != "auto":
+        return m.generation == "vllm"
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def check_recipe(recipe: "Recipe") -> list[Any]:
+    """GRPO's batch arithmetic and generation backend, before any weights load."""
+    import importlib.util
+
+    from tunelab.errors import Problem
+
+    m: GRPOMethod = recipe.method
+    problems = []
+    completions = recipe.train.batch_size * recipe.train.grad_accum
+    if completions % m.num_generations:
+        problems.append(Problem("method.num_generations", f"train.batch_size x train.grad_accum = {completions} "
+                                f"completions is not a multiple of num_generations={m.num_generations}",
+                                "make batch_size x grad_accum a multiple of the group size"))
+    if m.generation == "vllm" and importlib.util.find_spec("vllm") is None:
+        problems.append(Problem("method.generation", "vllm is not installed", "pip install vllm, or use auto"))
+    return problems
+
+
+def trl_config_class() -> type:
+    from trl import GRPOConfig
+
+    return GRPOConfig
+
+
+def trl_config(recipe: "Recipe", **extra: Any) -> Any:
+    """The GRPOConfig of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
+    from trl import GRPOConfig
+
+    from tunelab.methods.common import training_arguments
+
+    m: GRPOMethod = recipe.method
+    kwargs = training_arguments(recipe)
+    kwargs.update(
+        num_generations=m.num_generations,
+        max_completion_length=m.max_completion_length,
+        temperature=m.temperature,
+        top_p=m.top_p,
+        beta=m.beta,
+        epsilon=m.epsilon,
+        epsilon_high=m.epsilon_high,
+        loss_type=m.loss_type,
+        scale_rewards=m.scale_rewards,
+        num_iterations=m.num_iterations,
+        mask_truncated_completions=m.mask_truncated_completions,
+        reward_weights=[r.weight for r in m.rewards],
+        use_vllm=use_vllm(m),
+        remove_unused_columns=False,  # extra columns go to the reward functions
+        eval_strategy="no",  # held-out evaluation is tunelab's own (methods/online.py)
+    )
+    kwargs.update(m.trl)
+    kwargs.update(extra)
+    return GRPOConfig(**kwargs)
+
+
+def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    """TRL's GRPOTrainer on the prompt column (+ extra columns for the rewards), left-padded prompts."""
+    from trl import GRPOTrainer
+
+    from tunelab.methods.common import atomic_checkpoints
+    from tunelab.rewards.compute import build_rewards, trl_reward_funcs
+
+    tokenizer.padding_side = "left"
+    funcs = trl_reward_funcs(build_rewards(recipe.method.rewards))
+    trainer_cls = atomic_checkpoints(GRPOTrainer)
+    return trainer_cls(model=model, reward_funcs=funcs, args=trl_config(recipe),
+                       train_dataset=train_ds.remove_columns(["prompt_ids"]), processing_class=tokenizer,
+                       callbacks=callbacks)

@@ -1,0 +1,371 @@
+"""The PPO training loop: rollout, score, advantages, clipped updates of policy and critic.
+
+Read top to bottom: ``PPOTrainer.train`` runs ``step`` = ``rollout`` + ``update`` per batch of
+prompts; the formulas are in ``core``. Runs on one process or under accelerate (DDP): every
+process rolls out its own prompts, gradients are averaged by DDP, logged numbers are averaged
+over processes. Checkpoints hold the trainable weights (safetensors), the optimizer and
+scheduler states and the KL coefficient; they are written under ``.staging/`` and renamed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tunelab.methods.online import completion_mask, prompt_text, reward_columns, sample, stop_token_ids
+from tunelab.methods.ppo import core
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+
+
+class ValueModel(nn.Module):
+    """V(s_t) at every position: a sequence-classification model's body and its one-output head.
+
+    A module of its own (rather than calling the body and head from outside) so that DDP sees
+    one forward per backward and averages the critic's gradients.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        base = self.net.get_base_model() if hasattr(self.net, "get_base_model") else self.net
+        body = getattr(base, base.base_model_prefix)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return base.score(hidden).squeeze(-1).float()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off: the ratio π/π_old must be 1 before the first update, not noise."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name, each storage once (tied weights would break safetensors)."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            out[name] = p.detach().contiguous().cpu()
+    return out
+
+
+def build_critic(recipe: "Recipe", tokenizer: Any) -> nn.Module:
+    """The critic's network: a score head on a copy of the policy's body, the reward model, or a path."""
+    from tunelab.evaluate import load_reward_model
+    from tunelab.models.load import load_model
+    from tunelab.models.peft import apply_peft, quantization_of
+
+    m = recipe.method
+    if m.critic == "reward_model":
+        path = next(r.model for r in m.rewards if r.model)
+        net, _ = load_reward_model(path)
+        if hasattr(net, "merge_and_unload"):
+            net = net.merge_and_unload()
+    else:
+        spec = recipe.model if m.critic == "policy" else recipe.model.model_copy(update={"path": m.critic,
+                                                                                           "revision": None})
+        net = load_model(spec, quantization_of(recipe), full_finetune=recipe.peft is None, head="score")
+    net.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.peft is not None:
+        net = apply_peft(net, recipe.peft, tokenizer, recipe.model.gradient_checkpointing, head="score")
+    else:
+        for p in net.parameters():
+            p.requires_grad_(True)
+    return net
+
+
+class PPOTrainer:
+    """PPO on a prompt-only dataset; the interface train.py expects (train, save_model, state)."""
+
+    def __init__(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, callbacks: list) -> None:
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        from tunelab.methods.common import resolve_precision
+        from tunelab.models.load import load_model
+        from tunelab.rewards.compute import build_rewards
+
+        self.recipe, self.m, self.t = recipe, recipe.method, recipe.train
+        self.tokenizer, self.dataset, self.callbacks = tokenizer, train_ds, callbacks
+        precision = resolve_precision(self.t.precision)
+        self.accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else
+                                       "fp16" if precision == "fp16" else "no")
+        self.peft = recipe.peft is not None
+        disable_dropout(model)
+        # the reference: adapters off under PEFT, else an explicit model or a frozen copy of the start
+        self.ref: nn.Module | None = None
+        if self.m.reference:
+            spec = recipe.model.model_copy(update={"path": self.m.reference, "revision": None})
+            self.ref = load_model(spec, None, full_finetune=True)
+        elif not self.peft:
+            self.ref = copy.deepcopy(model)
+        if self.ref is not None:
+            self.ref.eval().requires_grad_(False)
+            self.ref.to(self.accelerator.device)
+        critic = ValueModel(build_critic(recipe, tokenizer))
+        disable_dropout(critic)
+        self.rewards = build_rewards(self.m.rewards)
+        self.columns = reward_columns(train_ds)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.stops = stop_token_ids(model, tokenizer)
+
+        world = self.accelerator.num_processes
+        per_step = self.t.batch_size * world
+        self.total_steps = self.t.max_steps if self.t.max_steps > 0 else max(
+            1, math.ceil(self.t.epochs * len(train_ds) / per_step))
+        updates = self.total_steps * self.m.ppo_epochs * self.m.num_minibatches
+        warmup = int(self.t.warmup_ratio * updates)
+
+        def adamw(net: nn.Module, lr: float) -> torch.optim.Optimizer:
+            params = [p for p in net.parameters() if p.requires_grad]
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.t.weight_decay)
+
+        self.opt = adamw(model, self.t.learning_rate)
+        self.critic_opt = adamw(critic, self.m.critic_learning_rate or self.t.learning_rate)
+        self.sched = get_scheduler(self.t.lr_scheduler, self.opt, num_warmup_steps=warmup, num_training_steps=updates)
+        self.critic_sched = get_scheduler(self.t.lr_scheduler, self.critic_opt, num_warmup_steps=warmup,
+                                          num_training_steps=updates)
+        self.policy, self.critic, self.opt, self.critic_opt = self.accelerator.prepare(
+            model, critic, self.opt, self.critic_opt)
+        self.kl = core.AdaptiveKL(self.m.kl_coef, self.m.target_kl, self.m.kl_horizon)
+        self.state = SimpleNamespace(global_step=0, epoch=0.0, max_steps=self.total_steps,
+                                     is_world_process_zero=self.accelerator.is_main_process)
+        self.generator = torch.Generator().manual_seed(self.t.seed + self.accelerator.process_index)
+
+    # ---- the interface train.py uses ------------------------------------------------------------
+
+    def is_world_process_zero(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def train(self, resume_from_checkpoint: str | None = None) -> None:
+        """Run ``total_steps`` PPO steps (from a checkpoint's step when resuming), logging each."""
+        if resume_from_checkpoint:
+            self.load_checkpoint(Path(resume_from_checkpoint))
+        for cb in self.callbacks:
+            cb.on_train_begin(None, self.state, None)
+        logged: list[dict[str, float]] = []
+        while self.state.global_step < self.total_steps:
+            torch.manual_seed(self.t.seed * 100_003 + self.state.global_step * 97 + self.accelerator.process_index)
+            stats = self.step(self.batch_rows(self.state.global_step))
+            self.state.global_step += 1
+            self.state.epoch = self.state.global_step * self.t.batch_size * self.accelerator.num_processes / len(
+                self.dataset)
+            logged.append(stats)
+            if self.state.global_step % self.t.logging_steps == 0 or self.state.global_step == self.total_steps:
+                row = {k: sum(s[k] for s in logged) / len(logged) for k in logged[-1]}
+                row = {k: round(v, 6) for k, v in row.items()}
+                logged = []
+                if self.accelerator.is_main_process:
+                    print(f"[tunelab] ppo step {self.state.global_step}/{self.total_steps}: reward "
+                          f"{row['reward']:+.4f} kl {row['kl']:.4f} entropy {row['entropy']:.3f} "
+                          f"clipfrac {row['clipfrac']:.3f}", flush=True)
+                for cb in self.callbacks:
+                    cb.on_log(None, self.state, None, logs=row)
+            if self.state.global_step % self.t.save_steps == 0 and self.state.global_step < self.total_steps:
+                self.save_checkpoint()
+
+    def save_model(self, path: str) -> None:
+        """The policy in HF format (a PEFT adapter under PEFT); the critic in ``critic/`` if asked."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.policy).save_pretrained(path)
+            if self.m.save_critic:
+                self.accelerator.unwrap_model(self.critic).net.save_pretrained(os.path.join(path, "critic"))
+        self.accelerator.wait_for_everyone()
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def batch_rows(self, step: int) -> list[dict[str, Any]]:
+        """This process's prompts for ``step``: a seeded shuffle of the dataset per epoch, sharded by rank."""
+        n, b = len(self.dataset), self.t.batch_size
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        start = (step * world + rank) * b
+        rows = []
+        for k in range(start, start + b):
+            epoch, i = divmod(k, n)
+            order = list(range(n))
+            random.Random(self.recipe.data.seed + epoch).shuffle(order)
+            rows.append(self.dataset[order[i]])
+        return rows
+
+    def step(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        batch, stats = self.rollout(rows)
+        stats.update(self.update(batch))
+        self.kl.update(stats["kl"], len(rows) * self.accelerator.num_processes)
+        return {k: float(self.accelerator.reduce(torch.tensor(v, device=self.accelerator.device), "mean"))
+                for k, v in stats.items()}
+
+    def forward_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log π(a_t|s_t), logits) of the completion tokens, logits scaled by the sampling temperature."""
+        p = batch["prompt_len"]
+        logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"]).logits
+        logits = logits[:, p - 1 : -1].float() / self.m.temperature
+        logp = torch.log_softmax(logits, -1).gather(-1, batch["completion"][..., None])[..., 0]
+        return logp, logits
+
+    @torch.no_grad()
+    def rollout(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float]]:
+        """Sample completions, score them, and turn scores and KL into advantages and returns."""
+        from tunelab.rewards.compute import score_all
+
+        m, device = self.m, self.accelerator.device
+        policy = self.accelerator.unwrap_model(self.policy)
+        policy.eval()
+        prompt_ids, prompt_mask, completion = sample(policy, self.tokenizer, [r["prompt_ids"] for r in rows],
+                                                     m.max_completion_length, m.temperature, m.top_p)
+        mask = completion_mask(completion, self.stops, self.pad)
+        width = int(mask.sum(1).max())
+        completion, mask = completion[:, :width], mask[:, :width]
+        attn = torch.cat([prompt_mask, mask], 1)
+        batch = {"ids": torch.cat([prompt_ids, completion], 1), "attn": attn, "pos": (attn.cumsum(1) - 1).clamp(min=0),
+                 "completion": completion, "mask": mask.float(), "prompt_len": prompt_ids.size(1)}
+
+        old_logp, logits = self.forward_logprobs(policy, batch)
+        entropy = core.masked_mean(core.entropy_from_logits(logits), batch["mask"])
+        del logits
+        if self.ref is not None:
+            ref_logp, _ = self.forward_logprobs(self.ref, batch)
+        else:
+            with policy.disable_adapter():
+                ref_logp, _ = self.forward_logprobs(policy, batch)
+        values = self.accelerator.unwrap_model(self.critic)(batch["ids"], batch["attn"], batch["pos"])
+        values = values[:, batch["prompt_len"] - 1 : -1]
+
+        texts = [self.tokenizer.decode(c[: int(n)].tolist(), skip_special_tokens=True)
+                 for c, n in zip(completion, mask.sum(1))]
+        total, by_fn = score_all(self.rewards, [prompt_text(r["prompt"]) for r in rows], texts,
+                                 {c: [r[c] for r in rows] for c in self.columns})
+        score = torch.tensor(total, dtype=torch.float32, device=device)
+        ended = torch.isin(completion, torch.tensor(self.stops, device=device)).any(1)
+        if m.missing_eos_penalty is not None:
+            score = score - m.missing_eos_penalty * (~ended).float()
+        if m.score_clip is not None:
+            score = score.clamp(-m.score_clip, m.score_clip)
+
+        kl = core.kl_estimate(old_logp, ref_logp, m.kl_estimator) * batch["mask"]
+        rewards = core.token_rewards(score, kl, batch["mask"], self.kl.value)
+        advantages, returns = core.gae(rewards, values, batch["mask"], m.gamma, m.lam)
+        if m.whiten_advantages:
+            advantages = core.whiten(advantages, batch["mask"])
+        batch.update(old_logp=old_logp, values=values, advantages=advantages, returns=returns)
+
+        stats = {"reward": float(score.mean()), "kl": float(kl.sum(1).mean()), "kl_coef": self.kl.value,
+                 "non_score_reward": float((-self.kl.value * kl).sum(1).mean()), "entropy": float(entropy),
+                 "completion_length": float(mask.sum(1).float().mean()), "eos_fraction": float(ended.float().mean())}
+        for label, values_ in by_fn.items():
+            got = [v for v in values_ if v is not None]
+            stats[f"reward/{label}"] = sum(got) / len(got) if got else 0.0
+        return batch, stats
+
+    def update(self, batch: dict[str, Any]) -> dict[str, float]:
+        """``ppo_epochs`` passes of ``num_minibatches`` clipped policy and value updates."""
+        m = self.m
+        self.policy.train()
+        self.critic.train()
+        n = batch["ids"].size(0)
+        size = n // m.num_minibatches
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(m.ppo_epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for k in range(m.num_minibatches):
+                idx = order[k * size : (k + 1) * size].to(batch["ids"].device)
+                mb = {key: (v[idx] if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
+                mask = mb["mask"]
+
+                logp, logits = self.forward_logprobs(self.policy, mb)
+                pg_loss, pg_stats = core.policy_loss(logp, mb["old_logp"], mb["advantages"], mask, m.clip)
+                entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
+                loss = pg_loss - m.entropy_coef * entropy
+                self.accelerator.backward(loss)
+                if self.t.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(self.policy.parameters(), self.t.max_grad_norm)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+
+                values = self.critic(mb["ids"], mb["attn"], mb["pos"])[:, mb["prompt_len"] - 1 : -1]
+                v_loss, v_stats = core.value_loss(values, mb["values"], mb["returns"], mask, m.value_clip)
+                self.accelerator.backward(v_loss)
+                if self.t.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(self.critic.parameters(), self.t.max_grad_norm)
+                self.critic_opt.step()
+                self.critic_sched.step()
+                self.critic_opt.zero_grad(set_to_none=True)
+
+                step_stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                              "update_entropy": entropy.item(), **{k: v.item() for k, v in pg_stats.items()},
+                              **{k: v.item() for k, v in v_stats.items()}}
+                for key, v in step_stats.items():
+                    sums[key] = sums.get(key, 0.0) + v
+                count += 1
+        out = {k: v / count for k, v in sums.items()}
+        out["explained_variance"] = float(core.explained_variance(batch["values"], batch["returns"], batch["mask"]))
+        out["learning_rate"] = self.sched.get_last_lr()[0]
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """checkpoint-N/: trainable weights, optimizer/scheduler states, step and KL coefficient."""
+        from safetensors.torch import save_file
+
+        from tunelab.runs import RunDir
+
+        run = RunDir(Path(self.t.output_dir))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run.root / ".staging" / name
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for tag, model, opt, sched in (("policy", self.policy, self.opt, self.sched),
+                                           ("critic", self.critic, self.critic_opt, self.critic_sched)):
+                save_file(trainable_state(self.accelerator.unwrap_model(model)), str(staging / f"{tag}.safetensors"))
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                           staging / f"{tag}_optimizer.pt")
+            (staging / "trainer_state.json").write_text(json.dumps(
+                {"global_step": self.state.global_step, "kl_coef": self.kl.value, "total_steps": self.total_steps}))
+            target = run.root / name
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+            shutil.rmtree(run.root / ".staging", ignore_errors=True)
+            keep = self.t.save_total_limit
+            if keep:
+                for old in run.checkpoints()[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what ``save_checkpoint`` wrote; the data order and sampling seeds follow the step."""
+        from safetensors.torch import load_file
+
+        for tag, model, opt, sched in (("policy", self.policy, self.opt, self.sched),
+                                       ("critic", self.critic, self.critic_opt, self.critic_sched)):
+            net = self.accelerator.unwrap_model(model)
+            weights = load_file(str(path / f"{tag}.safetensors"))
+            missing = set(weights) - {n for n, _ in net.named_parameters()}
+            if missing:
+                raise RuntimeError(f"{path}/{tag}.safetensors does not fit this model: {sorted(missing)[:3]}")
+            net.load_state_dict(weights, strict=False)
+            state = torch.load(path / f"{tag}_optimizer.pt", map_location="cpu", weights_only=False)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        meta = json.loads((path / "trainer_state.json").read_text())
+        self.state.global_step = meta["global_step"]
+        self.kl.value = meta["kl_coef"]
