@@ -16,7 +16,14 @@ from tunelab.runs import RunDir, loss_summary, metrics_callback, plot_metrics
 
 
 def _say(msg: str) -> None:
-    print(f"[tunelab] {msg}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one voice when launched with several processes
+        print(f"[tunelab] {msg}", flush=True)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
@@ -51,6 +58,10 @@ def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]]) -> No
 def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                  resume: str | None = None) -> dict[str, Any]:
     """Train a recipe end to end; returns the run summary (also saved as summary.json)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
+        # launched with several processes on a machine without CUDA: accelerate only forms a
+        # (gloo) process group on CPU when told to, otherwise every rank trains alone
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     from tunelab.recipe.validate import validate
 
     loaded, notes = validate(recipe_path, overrides)

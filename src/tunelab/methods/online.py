@@ -109,8 +109,11 @@ def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict
     """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
     from tunelab.rewards.compute import build_rewards, score_all
 
+    import torch
+
     m = recipe.method
     funcs = build_rewards(m.rewards)
+    torch.manual_seed(recipe.train.seed)  # the same draws before and after training: a paired comparison
     was_training = model.training
     model.eval()
     prompts = [eval_ds[i] for i in range(len(eval_ds))]

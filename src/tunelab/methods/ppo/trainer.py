@@ -103,7 +103,7 @@ class PPOTrainer:
         self.recipe, self.m, self.t = recipe, recipe.method, recipe.train
         self.tokenizer, self.dataset, self.callbacks = tokenizer, train_ds, callbacks
         precision = resolve_precision(self.t.precision)
-        self.accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else
                                        "fp16" if precision == "fp16" else "no")
         self.peft = recipe.peft is not None
         disable_dropout(model)
@@ -145,7 +145,7 @@ class PPOTrainer:
         self.kl = core.AdaptiveKL(self.m.kl_coef, self.m.target_kl, self.m.kl_horizon)
         self.state = SimpleNamespace(global_step=0, epoch=0.0, max_steps=self.total_steps,
                                      is_world_process_zero=self.accelerator.is_main_process)
-        self.generator = torch.Generator().manual_seed(self.t.seed + self.accelerator.process_index)
+        self.generator = torch.Generator()
 
     # ---- the interface train.py uses ------------------------------------------------------------
 
@@ -160,7 +160,10 @@ class PPOTrainer:
             cb.on_train_begin(None, self.state, None)
         logged: list[dict[str, float]] = []
         while self.state.global_step < self.total_steps:
-            torch.manual_seed(self.t.seed * 100_003 + self.state.global_step * 97 + self.accelerator.process_index)
+            # sampling and minibatch order depend only on (seed, step, rank): a resumed run repeats the uncut one
+            seed = self.t.seed * 100_003 + self.state.global_step * 97 + self.accelerator.process_index
+            torch.manual_seed(seed)
+            self.generator.manual_seed(seed)
             stats = self.step(self.batch_rows(self.state.global_step))
             self.state.global_step += 1
             self.state.epoch = self.state.global_step * self.t.batch_size * self.accelerator.num_processes / len(
