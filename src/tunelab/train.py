@@ -58,9 +58,11 @@ def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]]) -> No
 def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                  resume: str | None = None) -> dict[str, Any]:
     """Train a recipe end to end; returns the run summary (also saved as summary.json)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         # launched with several processes on a machine without CUDA: accelerate only forms a
-        # (gloo) process group on CPU when told to, otherwise every rank trains alone
+        # (gloo) process group on CPU when told to, otherwise every rank trains alone. (Under
+        # DeepSpeed the CPU flag would turn DeepSpeed off; PPO asks for gloo itself.)
         os.environ["ACCELERATE_USE_CPU"] = "true"
     from tunelab.recipe.validate import validate
 
@@ -136,6 +138,17 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # read by transformers' callback
     trainer = module.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
+    accelerator = trainer.accelerator  # transformers' Trainer and our PPO trainer both have one
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes, but the trainer sees {accelerator.num_processes} "
+                           f"({accelerator.distributed_type.value}): each would train alone. Launch with `accelerate "
+                           "launch --multi_gpu` (DDP; gloo without CUDA) or --use_deepspeed, not --cpu")
+    # said out loud: a launch that meant N processes but formed none trains N separate copies
+    summary["processes"] = accelerator.num_processes
+    summary["distributed"] = accelerator.distributed_type.value
+    _say(f"{accelerator.num_processes} process(es), distributed: {accelerator.distributed_type.value}"
+         + (f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if summary["distributed"] == "DEEPSPEED" else ""))
     if resume_from is not None:
         _say(f"resuming from {resume_from}")
     elif resume == "auto":

@@ -38,24 +38,86 @@ def test_reward_rises(run_cli, quickstart_sft, tmp_path, recipe):
     AutoModelForCausalLM.from_pretrained(tmp_path / recipe / "final")  # plain HF format
 
 
+def _launch(launcher: list[str], recipe: str, sft_dir: Path, out: Path, *sets: str,
+            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``accelerate launch <launcher> --num_processes 2 -m tunelab train`` on a quickstart recipe."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", *launcher, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab", "train",
+           f"recipes/quickstart/{recipe}.yaml", "--set", f"model.path={sft_dir}/final",
+           "--set", f"train.output_dir={out}", "--set", "method.eval_samples=1"]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += list(extra)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=dict(os.environ))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+LAUNCHERS = {"MULTI_CPU": ["--multi_gpu"], "DEEPSPEED": ["--use_deepspeed", "--zero_stage", "2"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
-def test_two_processes(quickstart_sft, tmp_path, recipe):
-    """accelerate launch, 2 CPU processes (gloo): the run completes and saves final/ once."""
+@pytest.mark.parametrize(("recipe", "distributed"), [("grpo", "MULTI_CPU"), ("grpo", "DEEPSPEED")])
+def test_two_processes(quickstart_sft, tmp_path, recipe, distributed):
+    """accelerate launch, 2 CPU processes (DDP or ZeRO-2 over gloo): one process group, completes, final/ once.
+
+    (PPO runs both ways in the next test, which compares them number for number.)
+    """
     sft_dir, rc, _, err = quickstart_sft
     assert rc == 0, err[-2000:]
     out = tmp_path / recipe
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "tunelab", "train", f"recipes/quickstart/{recipe}.yaml",
-           "--set", f"model.path={sft_dir}/final", "--set", f"train.output_dir={out}", "--set", "train.max_steps=3",
-           "--set", "train.save_steps=2", "--set", "method.eval_samples=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=dict(os.environ))
+    # --multi_gpu is accelerate's torchrun launcher; on a machine without CUDA tunelab forms a gloo group
+    proc = _launch(LAUNCHERS[distributed], recipe, sft_dir, out, "train.max_steps=3", "train.save_steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["processes"], summary["distributed"]) == (2, distributed)  # not two runs side by side
     assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "reward" in m] == [1, 2, 3]  # one writer, not one per process
+    assert [m["step"] for m in _metrics(out) if "reward" in m] == [1, 2, 3]  # one writer, not one per process
     assert proc.stdout.count("[tunelab] done:") == 1
+
+
+@pytest.mark.slow
+def test_ppo_deepspeed_zero2_matches_ddp_and_resumes(quickstart_sft, tmp_path):
+    """PPO under DeepSpeed ZeRO-2 (2 CPU processes) logs what DDP logs, and resumes from its checkpoint.
+
+    Gradient clipping is off for the comparison: DDP clips the policy and the critic separately,
+    the DeepSpeed engine both together; everything else is the same arithmetic, so the logged
+    numbers agree to float rounding (abs 1e-5).
+    """
+    sft_dir, rc, _, err = quickstart_sft
+    assert rc == 0, err[-2000:]
+    sets = ("train.max_steps=3", "train.save_steps=2", "train.max_grad_norm=0", "train.eval_before_train=false")
+    runs = {}
+    for name, launcher in (("ddp", LAUNCHERS["MULTI_CPU"]), ("zero2", LAUNCHERS["DEEPSPEED"])):
+        proc = _launch(launcher, "ppo", sft_dir, tmp_path / name, *sets)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = _metrics(tmp_path / name)
+    for name, distributed in (("ddp", "MULTI_CPU"), ("zero2", "DEEPSPEED")):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (summary["processes"], summary["distributed"]) == (2, distributed)  # one group, not two runs
+        assert (tmp_path / name / "final" / "model.safetensors").is_file()
+        assert [m["step"] for m in runs[name]] == [1, 2, 3]  # one writer, not one per process
+    assert (tmp_path / "zero2" / "checkpoint-2" / "deepspeed").is_dir()  # the engine's optimizer shards
+    keys = ("reward", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance")
+    for a, b in zip(runs["ddp"], runs["zero2"]):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
+    assert runs["zero2"][1]["policy_loss"] != runs["zero2"][0]["policy_loss"]  # the policy did move
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "zero2" / "final")  # as if killed after checkpoint-2 was written
+    proc = _launch(LAUNCHERS["DEEPSPEED"], "ppo", sft_dir, tmp_path / "zero2", *sets,
+                   extra=("--resume", "auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
+    resumed = _metrics(tmp_path / "zero2")
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for k in keys:  # step 3 after the resume is step 3 of the uncut run: weights, optimizer shards, KL, seeds
+        assert resumed[2][k] == pytest.approx(runs["zero2"][2][k], abs=1e-5), k
 
 
 @pytest.mark.slow

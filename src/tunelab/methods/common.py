@@ -67,6 +67,8 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
         disable_tqdm=False,
         save_only_model=False,
         remove_unused_columns=True,
+        # several processes without CUDA: gloo, also under DeepSpeed (accelerate otherwise forms no group there)
+        ddp_backend="gloo" if not _cuda() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
 
 

@@ -1,10 +1,19 @@
 """The PPO training loop: rollout, score, advantages, clipped updates of policy and critic.
 
 Read top to bottom: ``PPOTrainer.train`` runs ``step`` = ``rollout`` + ``update`` per batch of
-prompts; the formulas are in ``core``. Runs on one process or under accelerate (DDP): every
-process rolls out its own prompts, gradients are averaged by DDP, logged numbers are averaged
-over processes. Checkpoints hold the trainable weights (safetensors), the optimizer and
-scheduler states and the KL coefficient; they are written under ``.staging/`` and renamed.
+prompts; the formulas are in ``core``. Runs on one process or under accelerate, with DDP or
+DeepSpeed ZeRO-2: every process rolls out its own prompts, gradients are averaged across
+processes, logged numbers are averaged over processes.
+
+The policy and the critic are one module (``ActorCritic``) with one optimizer of two parameter
+groups (their own learning rates) and one backward of policy loss + value loss per minibatch:
+DDP and DeepSpeed each wrap exactly one model, and because the two networks share no
+parameter, the gradient of the sum is each network's own gradient. Gradients are clipped per
+network (``max_grad_norm`` each), except under DeepSpeed, whose engine clips all of them together.
+
+Checkpoints hold the trainable weights (safetensors), the optimizer and scheduler states and the
+KL coefficient (under DeepSpeed the optimizer state is the engine's, one shard per rank); they
+are written under ``.staging/`` and renamed.
 """
 
 from __future__ import annotations
@@ -45,6 +54,21 @@ class ValueModel(nn.Module):
         body = getattr(base, base.base_model_prefix)
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return base.score(hidden).squeeze(-1).float()
+
+
+class ActorCritic(nn.Module):
+    """The policy and the critic as one module: one forward, one backward, one optimizer per update."""
+
+    def __init__(self, policy: nn.Module, critic: ValueModel) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy logits, values) at every position."""
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits, self.critic(input_ids, attention_mask, position_ids)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -94,6 +118,7 @@ class PPOTrainer:
 
     def __init__(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, callbacks: list) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType, InitProcessGroupKwargs
         from transformers import get_scheduler
 
         from tunelab.methods.common import resolve_precision
@@ -103,8 +128,13 @@ class PPOTrainer:
         self.recipe, self.m, self.t = recipe, recipe.method, recipe.train
         self.tokenizer, self.dataset, self.callbacks = tokenizer, train_ds, callbacks
         precision = resolve_precision(self.t.precision)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else
-                                       "fp16" if precision == "fp16" else "no")
+        deepspeed_on_cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+            not torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            # DeepSpeed on a CPU (tests, CI): accelerate forms the process group only if told gloo
+            cpu=not torch.cuda.is_available() and not deepspeed_on_cpu,
+            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else None,
+            mixed_precision="bf16" if precision == "bf16" else "fp16" if precision == "fp16" else "no")
         self.peft = recipe.peft is not None
         disable_dropout(model)
         # the reference: adapters off under PEFT, else an explicit model or a frozen copy of the start
@@ -119,7 +149,7 @@ class PPOTrainer:
             self.ref.to(self.accelerator.device)
         critic = ValueModel(build_critic(recipe, tokenizer))
         disable_dropout(critic)
-        self.rewards = build_rewards(self.m.rewards)
+        self.rewards = [f.load(self.accelerator.device) for f in build_rewards(self.m.rewards)]
         self.columns = reward_columns(train_ds)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.stops = stop_token_ids(model, tokenizer)
@@ -131,21 +161,31 @@ class PPOTrainer:
         updates = self.total_steps * self.m.ppo_epochs * self.m.num_minibatches
         warmup = int(self.t.warmup_ratio * updates)
 
-        def adamw(net: nn.Module, lr: float) -> torch.optim.Optimizer:
-            params = [p for p in net.parameters() if p.requires_grad]
-            return torch.optim.AdamW(params, lr=lr, weight_decay=self.t.weight_decay)
+        def trainable(net: nn.Module) -> list[nn.Parameter]:
+            return [p for p in net.parameters() if p.requires_grad]
 
-        self.opt = adamw(model, self.t.learning_rate)
-        self.critic_opt = adamw(critic, self.m.critic_learning_rate or self.t.learning_rate)
+        self.opt = torch.optim.AdamW(
+            [{"params": trainable(model), "lr": self.t.learning_rate},
+             {"params": trainable(critic), "lr": self.m.critic_learning_rate or self.t.learning_rate}],
+            weight_decay=self.t.weight_decay)
         self.sched = get_scheduler(self.t.lr_scheduler, self.opt, num_warmup_steps=warmup, num_training_steps=updates)
-        self.critic_sched = get_scheduler(self.t.lr_scheduler, self.critic_opt, num_warmup_steps=warmup,
-                                          num_training_steps=updates)
-        self.policy, self.critic, self.opt, self.critic_opt = self.accelerator.prepare(
-            model, critic, self.opt, self.critic_opt)
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            # no dataloader to infer these from; clipping is the engine's (all parameters together)
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            config["train_micro_batch_size_per_gpu"] = self.t.batch_size // self.m.num_minibatches
+            config["gradient_accumulation_steps"] = 1
+            config["gradient_clipping"] = self.t.max_grad_norm
+        self.model, self.opt = self.accelerator.prepare(ActorCritic(model, critic), self.opt)
         self.kl = core.AdaptiveKL(self.m.kl_coef, self.m.target_kl, self.m.kl_horizon)
         self.state = SimpleNamespace(global_step=0, epoch=0.0, max_steps=self.total_steps,
                                      is_world_process_zero=self.accelerator.is_main_process)
         self.generator = torch.Generator()
+
+    @property
+    def unwrapped(self) -> ActorCritic:
+        """The ActorCritic without its DDP/DeepSpeed wrapper (for generation, scoring and saving)."""
+        return self.accelerator.unwrap_model(self.model)
 
     # ---- the interface train.py uses ------------------------------------------------------------
 
@@ -186,9 +226,9 @@ class PPOTrainer:
         """The policy in HF format (a PEFT adapter under PEFT); the critic in ``critic/`` if asked."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.accelerator.unwrap_model(self.policy).save_pretrained(path)
+            self.unwrapped.policy.save_pretrained(path)
             if self.m.save_critic:
-                self.accelerator.unwrap_model(self.critic).net.save_pretrained(os.path.join(path, "critic"))
+                self.unwrapped.critic.net.save_pretrained(os.path.join(path, "critic"))
         self.accelerator.wait_for_everyone()
 
     # ---- one step -------------------------------------------------------------------------------
@@ -213,13 +253,16 @@ class PPOTrainer:
         return {k: float(self.accelerator.reduce(torch.tensor(v, device=self.accelerator.device), "mean"))
                 for k, v in stats.items()}
 
-    def forward_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def completion_logprobs(self, logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log π(a_t|s_t), logits) of the completion tokens, logits scaled by the sampling temperature."""
-        p = batch["prompt_len"]
-        logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"]).logits
-        logits = logits[:, p - 1 : -1].float() / self.m.temperature
+        logits = logits[:, batch["prompt_len"] - 1 : -1].float() / self.m.temperature
         logp = torch.log_softmax(logits, -1).gather(-1, batch["completion"][..., None])[..., 0]
         return logp, logits
+
+    def forward_logprobs(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``completion_logprobs`` of a causal LM's forward pass over the batch."""
+        logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"]).logits
+        return self.completion_logprobs(logits, batch)
 
     @torch.no_grad()
     def rollout(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -227,8 +270,8 @@ class PPOTrainer:
         from tunelab.rewards.compute import score_all
 
         m, device = self.m, self.accelerator.device
-        policy = self.accelerator.unwrap_model(self.policy)
-        policy.eval()
+        policy, critic = self.unwrapped.policy, self.unwrapped.critic
+        self.model.eval()
         prompt_ids, prompt_mask, completion = sample(policy, self.tokenizer, [r["prompt_ids"] for r in rows],
                                                      m.max_completion_length, m.temperature, m.top_p)
         mask = completion_mask(completion, self.stops, self.pad)
@@ -246,8 +289,7 @@ class PPOTrainer:
         else:
             with policy.disable_adapter():
                 ref_logp, _ = self.forward_logprobs(policy, batch)
-        values = self.accelerator.unwrap_model(self.critic)(batch["ids"], batch["attn"], batch["pos"])
-        values = values[:, batch["prompt_len"] - 1 : -1]
+        values = critic(batch["ids"], batch["attn"], batch["pos"])[:, batch["prompt_len"] - 1 : -1]
 
         texts = [self.tokenizer.decode(c[: int(n)].tolist(), skip_special_tokens=True)
                  for c, n in zip(completion, mask.sum(1))]
@@ -278,8 +320,7 @@ class PPOTrainer:
     def update(self, batch: dict[str, Any]) -> dict[str, float]:
         """``ppo_epochs`` passes of ``num_minibatches`` clipped policy and value updates."""
         m = self.m
-        self.policy.train()
-        self.critic.train()
+        self.model.train()
         n = batch["ids"].size(0)
         size = n // m.num_minibatches
         sums: dict[str, float] = {}
@@ -291,25 +332,21 @@ class PPOTrainer:
                 mb = {key: (v[idx] if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
                 mask = mb["mask"]
 
-                logp, logits = self.forward_logprobs(self.policy, mb)
+                logits, values = self.model(mb["ids"], mb["attn"], mb["pos"])
+                logp, logits = self.completion_logprobs(logits, mb)
                 pg_loss, pg_stats = core.policy_loss(logp, mb["old_logp"], mb["advantages"], mask, m.clip)
                 entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
-                loss = pg_loss - m.entropy_coef * entropy
-                self.accelerator.backward(loss)
-                if self.t.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(self.policy.parameters(), self.t.max_grad_norm)
+                values = values[:, mb["prompt_len"] - 1 : -1]
+                v_loss, v_stats = core.value_loss(values, mb["values"], mb["returns"], mask, m.value_clip)
+                # the networks share no parameter: each gets the gradient of its own loss
+                self.accelerator.backward(pg_loss - m.entropy_coef * entropy + v_loss)
+                if self.t.max_grad_norm > 0 and not self.deepspeed:
+                    for net in (self.unwrapped.policy, self.unwrapped.critic):
+                        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
+                                                       self.t.max_grad_norm)
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
-
-                values = self.critic(mb["ids"], mb["attn"], mb["pos"])[:, mb["prompt_len"] - 1 : -1]
-                v_loss, v_stats = core.value_loss(values, mb["values"], mb["returns"], mask, m.value_clip)
-                self.accelerator.backward(v_loss)
-                if self.t.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(self.critic.parameters(), self.t.max_grad_norm)
-                self.critic_opt.step()
-                self.critic_sched.step()
-                self.critic_opt.zero_grad(set_to_none=True)
 
                 step_stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
                               "update_entropy": entropy.item(), **{k: v.item() for k, v in pg_stats.items()},
@@ -337,13 +374,20 @@ class PPOTrainer:
         if self.accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            for tag, model, opt, sched in (("policy", self.policy, self.opt, self.sched),
-                                           ("critic", self.critic, self.critic_opt, self.critic_sched)):
-                save_file(trainable_state(self.accelerator.unwrap_model(model)), str(staging / f"{tag}.safetensors"))
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                           staging / f"{tag}_optimizer.pt")
+        self.accelerator.wait_for_everyone()
+        if self.deepspeed:  # every rank writes its shard of the optimizer state
+            self.model.save_checkpoint(str(staging), tag="deepspeed", exclude_frozen_parameters=True)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for tag in ("policy", "critic"):
+                save_file(trainable_state(getattr(self.unwrapped, tag)), str(staging / f"{tag}.safetensors"))
+            state = {"scheduler": self.sched.state_dict()}
+            if not self.deepspeed:
+                state["optimizer"] = self.opt.state_dict()
+            torch.save(state, staging / "optimizer.pt")
             (staging / "trainer_state.json").write_text(json.dumps(
-                {"global_step": self.state.global_step, "kl_coef": self.kl.value, "total_steps": self.total_steps}))
+                {"global_step": self.state.global_step, "kl_coef": self.kl.value, "total_steps": self.total_steps,
+                 "deepspeed": self.deepspeed, "world_size": self.accelerator.num_processes}))
             target = run.root / name
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
@@ -358,17 +402,30 @@ class PPOTrainer:
         """Restore what ``save_checkpoint`` wrote; the data order and sampling seeds follow the step."""
         from safetensors.torch import load_file
 
-        for tag, model, opt, sched in (("policy", self.policy, self.opt, self.sched),
-                                       ("critic", self.critic, self.critic_opt, self.critic_sched)):
-            net = self.accelerator.unwrap_model(model)
+        from tunelab.errors import UserError
+
+        meta = json.loads((path / "trainer_state.json").read_text())
+        if bool(meta.get("deepspeed")) != self.deepspeed:
+            saved = "with" if meta.get("deepspeed") else "without"
+            raise UserError(f"{path} was written {saved} DeepSpeed; resume it the same way (the optimizer state "
+                            "is stored differently), or start a new run from its weights")
+        if self.deepspeed and meta.get("world_size") != self.accelerator.num_processes:
+            raise UserError(f"{path} holds DeepSpeed optimizer shards for {meta.get('world_size')} processes; "
+                            f"this run has {self.accelerator.num_processes}: resume at the same world size")
+        for tag in ("policy", "critic"):
+            net = getattr(self.unwrapped, tag)
             weights = load_file(str(path / f"{tag}.safetensors"))
             missing = set(weights) - {n for n, _ in net.named_parameters()}
             if missing:
                 raise RuntimeError(f"{path}/{tag}.safetensors does not fit this model: {sorted(missing)[:3]}")
             net.load_state_dict(weights, strict=False)
-            state = torch.load(path / f"{tag}_optimizer.pt", map_location="cpu", weights_only=False)
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        meta = json.loads((path / "trainer_state.json").read_text())
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if self.deepspeed:
+            # its fp32 master weights and moments, this rank's shard (the module weights equal the safetensors)
+            self.model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
+                                       load_lr_scheduler_states=False)
+        else:
+            self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
         self.state.global_step = meta["global_step"]
         self.kl.value = meta["kl_coef"]
