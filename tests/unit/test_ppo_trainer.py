@@ -31,6 +31,7 @@ def _trainer(tmp_path):
         "peft={method: lora, r: 4, alpha: 8, target_modules: all-linear}",
         f"method.rewards=[{{model: {rm_dir}}}, {{name: length, target: 5, weight: 0.5}}]",
         "method.critic=reward_model", "method.max_completion_length=6", "method.ppo_epochs=1",
+        "method.missing_eos_penalty=1.5", "method.save_critic=true",
         "train.batch_size=4", "train.max_steps=1", "train.learning_rate=1.0e-2"]).recipe
     tok = builtin_tokenizer()
     policy = apply_peft(builtin_model("tiny-llama"), recipe.peft, tok)
@@ -67,6 +68,10 @@ def test_ppo_four_models_under_peft(tmp_path):
                 "explained_variance", "reward/rm:rm", "reward/length", "kl_coef"):
         assert key in stats and stats[key] == stats[key], key  # present and not NaN
     assert stats["kl"] == 0.0  # the rollout is scored before any update: π = π_ref
+    # the score: weighted rewards, minus the penalty for each completion cut at max_completion_length
+    assert stats["eos_fraction"] < 1  # 6 tokens from a random model: most never end
+    expected = stats["reward/rm:rm"] + 0.5 * stats["reward/length"] - 1.5 * (1 - stats["eos_fraction"])
+    assert abs(stats["reward"] - expected) < 1e-5
     for n, p in model.policy.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base_before[n]), n  # the base (= the reference) never moves
@@ -80,3 +85,10 @@ def test_ppo_four_models_under_peft(tmp_path):
     torch.testing.assert_close(ref_logits, base_logits.detach(), rtol=0, atol=1e-6)
     with torch.no_grad():
         assert not torch.allclose(model.policy(input_ids=ids).logits, base_logits, atol=1e-4)  # the policy moved
+
+    # final/: the policy's adapter, and with save_critic the critic's (a sequence-classification adapter)
+    import json
+
+    trainer.save_model(str(tmp_path / "final"))
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert json.loads((tmp_path / "final" / "critic" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
