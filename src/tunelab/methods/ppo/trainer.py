@@ -171,6 +171,11 @@ class PPOTrainer:
         self.sched = get_scheduler(self.t.lr_scheduler, self.opt, num_warmup_steps=warmup, num_training_steps=updates)
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                from tunelab.errors import UserError
+
+                raise UserError("method: ppo runs under DeepSpeed ZeRO-0, 1 and 2, not ZeRO-3: rollouts generate "
+                                "with the whole policy and score with the reference on every rank; use --zero_stage 2")
             # no dataloader to infer these from; clipping is the engine's (all parameters together)
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             config["train_micro_batch_size_per_gpu"] = self.t.batch_size // self.m.num_minibatches
