@@ -105,13 +105,23 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.model.path.startswith("builtin:"):
         model.config.name_or_path = recipe.model.path
+    if recipe.patches:
+        from tunelab.patches import apply_patches
+
+        for record in apply_patches(model, recipe, tokenizer):
+            _say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
     if recipe.peft is not None:
         if recipe.model.path.startswith("builtin:"):
             # plain peft must find the base weights: keep the (seeded, random) base beside the run
             # (unquantized, so that `tunelab merge` folds the adapter into full-precision weights)
             base_dir = (run.root / "base").resolve()
             if not base_dir.exists():
-                builtin_model(recipe.model.path[len("builtin:") :], head=head).save_pretrained(base_dir)
+                base = builtin_model(recipe.model.path[len("builtin:") :], head=head)
+                if recipe.patches:
+                    from tunelab.patches import apply_patches
+
+                    apply_patches(base, recipe)  # the adapter's base must rotate as the trained model did
+                base.save_pretrained(base_dir)
                 tokenizer.save_pretrained(base_dir)
             model.config.name_or_path = str(base_dir)
             model.name_or_path = str(base_dir)

@@ -54,6 +54,21 @@ def missing_models(recipe: Any) -> list[Problem]:
     return [m for key, path in paths if path and (m := missing_local_model(path, key))]
 
 
+def load_config(spec: Any) -> Any | None:
+    """The model's config without its weights (builtin, local dir, or a hub id in the local cache); None if unknown."""
+    if spec.path.startswith("builtin:"):
+        from tunelab.models.builtin import BUILTIN_MODELS, builtin_config
+
+        name = spec.path[len("builtin:") :]
+        return builtin_config(name) if name in BUILTIN_MODELS else None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError):
+        return None  # not trained yet (a chain), or a hub id offline: noted elsewhere
+
+
 def resolve_dtype(spec: Any, full_finetune: bool) -> Any:
     """auto: bf16 weights on a bf16 GPU for PEFT (fp32 master weights for full fine-tuning), fp32 on CPU."""
     import torch

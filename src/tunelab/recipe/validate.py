@@ -3,7 +3,8 @@
 1. schema (load.py: YAML, extends, overrides, pydantic) -- no torch import;
 2. data: every source resolves and its first rows convert to the method's format;
 3. the method's TRL config object is constructed from the recipe (catches a bad ``method.trl``);
-4. the attention implementation can run on this machine.
+4. the attention implementation can run on this machine;
+5. patches fit the model's config (read without its weights).
 All problems are collected and raised together.
 """
 
@@ -118,6 +119,15 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
         from tunelab.models.load import attn_problems
 
         problems += attn_problems(loaded.recipe.model)
+    if loaded.recipe.patches:
+        from tunelab.models.load import load_config
+        from tunelab.patches import patch_problems
+
+        config = load_config(loaded.recipe.model)
+        if config is None:
+            notes.append(f"patches not checked against {loaded.recipe.model.path}: its config is not readable yet")
+        else:
+            problems += patch_problems(loaded.recipe, config)
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     from tunelab.models.load import missing_models
