@@ -84,34 +84,71 @@ def validate(
         raise typer.Exit(2)
 
 
+LONG = "Long context (--task passkey | ppl-vs-length)"
+TASKS = ("lm", "reward", "passkey", "ppl-vs-length")
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
-    data: Annotated[str, typer.Option(help="data source (file, hub id or builtin:NAME)")],
+    data: Annotated[Optional[str], typer.Option(help="data source (file, hub id or builtin:NAME); needed by every "
+                                                "task but passkey")] = None,
     task: Annotated[str, typer.Option(help="lm: perplexity (and --generate); reward: pairwise accuracy of a "
-                                      "reward model on preference pairs")] = "lm",
-    format: Annotated[str, typer.Option(help="messages|sharegpt|alpaca|prompt_completion|text")] = "messages",
+                                      "reward model on preference pairs; passkey: passkey retrieval by length x "
+                                      "depth; ppl-vs-length: sliding-window perplexity at several context "
+                                      "lengths")] = "lm",
+    format: Annotated[Optional[str], typer.Option(help="messages|sharegpt|alpaca|prompt_completion|text "
+                                                  "(default: messages; ppl-vs-length: text)")] = None,
     max_length: Annotated[int, typer.Option()] = 1024,
     batch_size: Annotated[int, typer.Option()] = 8,
     limit: Annotated[Optional[int], typer.Option(help="only the first N rows")] = None,
     generate: Annotated[bool, typer.Option("--generate", help="also generate and score BLEU/ROUGE-L")] = False,
-    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate (default: 64; passkey: 10)")] = None,
     temperature: Annotated[float, typer.Option()] = 0.0,
     top_p: Annotated[Optional[float], typer.Option()] = None,
     top_k: Annotated[Optional[int], typer.Option()] = None,
     num_beams: Annotated[int, typer.Option()] = 1,
     samples: Annotated[int, typer.Option(help="how many generations to print")] = 3,
+    lengths: Annotated[Optional[str], typer.Option(help="context lengths in tokens, comma-separated "
+                                                   "(default: passkey 256,512,1024; ppl-vs-length 128,256,512)",
+                                                   rich_help_panel=LONG)] = None,
+    depths: Annotated[str, typer.Option(help="passkey: where the passkey sits in the filler, 0 (start) to 1 "
+                                        "(end)", rich_help_panel=LONG)] = "0,0.25,0.5,0.75,1.0",
+    trials: Annotated[int, typer.Option(help="passkey: passkeys per length x depth", rich_help_panel=LONG)] = 5,
+    seed: Annotated[int, typer.Option(help="passkey: seed of the passkey draws", rich_help_panel=LONG)] = 42,
+    stride: Annotated[Optional[int], typer.Option(help="ppl-vs-length: window step; only the last STRIDE tokens of "
+                                                  "each window are scored (default: the length)",
+                                                  rich_help_panel=LONG)] = None,
+    max_tokens: Annotated[int, typer.Option(help="ppl-vs-length: read at most this many tokens of --data",
+                                            rich_help_panel=LONG)] = 100_000,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="folder for the JSON and PNG "
+                                                   "(default: MODEL-eval-TASK beside a local model, "
+                                                   "else ./eval-TASK)", rich_help_panel=LONG)] = None,
 ) -> None:
-    """Perplexity of a model on data; with --generate, samples and BLEU/ROUGE-L; --task reward: pairwise accuracy."""
-    from tunelab.evaluate import run_eval, run_reward_eval
+    """Perplexity on data (--generate: BLEU/ROUGE-L), reward accuracy, passkey retrieval, or perplexity vs length."""
+    from tunelab.evaluate import run_eval, run_passkey_eval, run_ppl_vs_length_eval, run_reward_eval
 
+    if task not in TASKS:
+        _fail(UserError(Problem("--task", f"unknown task {task!r}", "use " + ", ".join(TASKS))))
+    if task == "passkey":
+        if data:
+            _fail(UserError(Problem("--data", "--task passkey does not read data", "it builds its own filler "
+                                    "text; drop --data")))
+        _guard(run_passkey_eval, model, lengths, depths, trials, seed, output, max_new_tokens)
+        return
+    if not data:
+        _fail(UserError(Problem("--data", f"--task {task} needs a data source", "pass --data FILE, a hub dataset "
+                                "id or builtin:NAME")))
+    if task == "ppl-vs-length":
+        _guard(run_ppl_vs_length_eval, model, data, format or "text", lengths, stride, max_tokens, output)
+        return
     if task == "reward":
         _guard(run_reward_eval, model, data, max_length, batch_size, limit)
         return
-    if task != "lm":
-        _fail(UserError(Problem("--task", f"unknown task {task!r}", "use lm or reward")))
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams)
-    _guard(run_eval, model, data, format, max_length, batch_size, limit, gen if generate else None, samples)
+    gen = dict(max_new_tokens=max_new_tokens or 64, temperature=temperature, top_p=top_p, top_k=top_k,
+               num_beams=num_beams)
+    _guard(run_eval, model, data, format or "messages", max_length, batch_size, limit, gen if generate else None,
+           samples)
 
 
 @app.command("generate")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tunelab.errors import Problem, UserError
 
@@ -121,6 +121,137 @@ def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: 
             result["bleu"], result["rougeL"] = bleu(hyps, refs), rouge_l(hyps, refs)
             print(f"BLEU: {result['bleu']:.2f}  ROUGE-L: {result['rougeL']:.2f}  ({len(hyps)} generations)")
     return result
+
+
+def parse_lengths(value: str | Sequence[int], key: str = "--lengths") -> list[int]:
+    """Context lengths from "256,512,1024" (or a list): positive integers, else a UserError naming ``key``."""
+    items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        try:
+            n = int(item)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or str(item).strip() != str(n):
+            raise UserError(Problem(key, f"{item!r} is not a positive integer", "e.g. 256,512,1024"))
+        out.append(n)
+    if not out:
+        raise UserError(Problem(key, "no lengths given", "e.g. 256,512,1024"))
+    return out
+
+
+def parse_depths(value: str | Sequence[float], key: str = "--depths") -> list[float]:
+    """Passkey depths from "0,0.5,1" (or a list): numbers in [0, 1], else a UserError naming ``key``."""
+    items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        try:
+            d = float(item)
+        except (TypeError, ValueError):
+            raise UserError(Problem(key, f"{item!r} is not a number", "e.g. 0,0.25,0.5,0.75,1")) from None
+        if not 0.0 <= d <= 1.0:
+            raise UserError(Problem(key, f"depth {item} is outside [0, 1]", "0 = start of the filler, 1 = its end"))
+        out.append(d)
+    if not out:
+        raise UserError(Problem(key, "no depths given", "e.g. 0,0.25,0.5,0.75,1"))
+    return out
+
+
+def default_eval_dir(model_path: str, task: str) -> Path:
+    """Where an eval writes without --output: beside a local model (<dir>-eval-<task>), else ./eval-<task>."""
+    p = Path(model_path)
+    if not model_path.startswith("builtin:") and p.exists():
+        p = p.resolve()
+        return p.parent / f"{p.name}-eval-{task}"
+    return Path(f"eval-{task}")
+
+
+def _tokenizer_only(model_path: str) -> Any:
+    """The tokenizer ``load_for_inference`` would return, without loading any weights (for checks up front)."""
+    from tunelab.models.builtin import BUILTIN_MODELS, builtin_tokenizer
+
+    if model_path.startswith("builtin:"):
+        name = model_path[len("builtin:") :]
+        if name not in BUILTIN_MODELS:
+            raise UserError(Problem("MODEL", f"unknown built-in model {model_path!r}",
+                                    "known: " + ", ".join(BUILTIN_MODELS)))
+        return builtin_tokenizer()
+    return inference_tokenizer(resolve_model_dir(model_path))
+
+
+def _note_beyond_trained(model: Any, lengths: list[int]) -> int | None:
+    trained = getattr(model.config, "max_position_embeddings", None)
+    beyond = [n for n in lengths if trained and n > trained]
+    if beyond:
+        _say(f"note: --lengths {','.join(map(str, beyond))} go beyond the model's max_position_embeddings "
+             f"({trained}): that measures extrapolation past the trained context")
+    return trained
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def run_passkey_eval(model_path: str, lengths: str | Sequence[int] | None = None,
+                     depths: str | Sequence[float] = "0,0.25,0.5,0.75,1.0", trials: int = 5, seed: int = 42,
+                     output: str | Path | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Passkey retrieval accuracy by prompt length x depth; prints a table, writes passkey.json and passkey.png."""
+    from tunelab.eval.passkey import (DEFAULT_MAX_NEW_TOKENS, format_passkey_table, passkey_grid, passkey_min_length,
+                                      plot_passkey)
+
+    lengths_ = parse_lengths("256,512,1024" if lengths is None else lengths)
+    depths_ = parse_depths(depths)
+    if trials < 1:
+        raise UserError(Problem("--trials", f"{trials} trials", "use at least 1"))
+    tok = _tokenizer_only(model_path)
+    minimum = passkey_min_length(tok)
+    if min(lengths_) < minimum:
+        raise UserError(Problem("--lengths", f"{min(lengths_)} tokens cannot hold the task, the passkey sentence "
+                                "and the question", f"the minimum for this tokenizer is {minimum}"))
+    model, tok = load_for_inference(model_path)
+    trained = _note_beyond_trained(model, lengths_)
+    grid = passkey_grid(model, tok, lengths_, depths_, trials, seed, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, log=_say)
+    print(format_passkey_table(grid))
+    print(f"mean accuracy: {grid['mean']:.4f}  ({trials} trials per cell, seed {seed})")
+    out = Path(output) if output else default_eval_dir(model_path, "passkey")
+    _write_json(out / "passkey.json", {"model": model_path, "task": "passkey", "max_position_embeddings": trained,
+                                       **grid})
+    plot_passkey({model_path: grid}, out / "passkey.png")
+    _say(f"wrote {out / 'passkey.json'} and {out / 'passkey.png'}")
+    return grid
+
+
+def run_ppl_vs_length_eval(model_path: str, data: str, fmt: str = "text", lengths: str | Sequence[int] | None = None,
+                           stride: int | None = None, max_tokens: int = 100_000,
+                           output: str | Path | None = None) -> list[dict[str, Any]]:
+    """Sliding-window perplexity at several context lengths; prints a table, writes ppl_vs_length.json and .png."""
+    from tunelab.eval.long_context import format_ppl_table, plot_ppl_vs_length, ppl_vs_length, text_token_ids
+
+    lengths_ = parse_lengths("128,256,512" if lengths is None else lengths)
+    if stride is not None and stride < 1:
+        raise UserError(Problem("--stride", f"stride {stride}", "use a positive stride, or leave it out (= length)"))
+    if max_tokens < 2:
+        raise UserError(Problem("--max-tokens", f"{max_tokens}", "use at least the largest of --lengths"))
+    tok = _tokenizer_only(model_path)
+    ids = text_token_ids(data, tok, fmt, max_tokens)
+    label = f"--data {data}" + (f" (cut to --max-tokens {max_tokens})" if len(ids) >= max_tokens else "")
+    too_long = [n for n in lengths_ if n > len(ids)]
+    if too_long:
+        raise UserError(Problem("--lengths", f"{label} has {len(ids)} tokens, fewer than the context length "
+                                f"{max(too_long)}", "use more text (or a larger --max-tokens), or shorter --lengths"))
+    model, tok = load_for_inference(model_path)
+    trained = _note_beyond_trained(model, lengths_)
+    _say(f"{data}: {len(ids)} tokens")
+    results = ppl_vs_length(model, ids, lengths_, stride, label=label)
+    print(format_ppl_table(results))
+    out = Path(output) if output else default_eval_dir(model_path, "ppl-vs-length")
+    _write_json(out / "ppl_vs_length.json", {"model": model_path, "task": "ppl-vs-length", "data": data,
+                                             "format": fmt, "max_tokens": max_tokens, "text_tokens": len(ids),
+                                             "max_position_embeddings": trained, "results": results})
+    plot_ppl_vs_length({model_path: results}, out / "ppl_vs_length.png", trained_length=trained)
+    _say(f"wrote {out / 'ppl_vs_length.json'} and {out / 'ppl_vs_length.png'}")
+    return results
 
 
 def load_reward_model(path: str) -> tuple[Any, Any]:

@@ -1,1 +1,1 @@
-"""Evaluation: perplexity, generation with BLEU/ROUGE-L."""
+"""Evaluation: perplexity, generation with BLEU/ROUGE-L, passkey retrieval, perplexity vs context length."""

@@ -123,11 +123,14 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
         from tunelab.models.load import load_config
         from tunelab.patches import patch_problems
 
+        from tunelab.models.load import missing_local_model
+
         config = load_config(loaded.recipe.model)
-        if config is None:
-            notes.append(f"patches not checked against {loaded.recipe.model.path}: its config is not readable yet")
-        else:
+        if config is not None:
             problems += patch_problems(loaded.recipe, config)
+        elif missing_local_model(loaded.recipe.model.path) is None:  # a missing run dir is noted below
+            notes.append(f"patches not checked (offline): the config of {loaded.recipe.model.path} is not cached "
+                         "here; they are checked again when the model loads")
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     from tunelab.models.load import missing_models
