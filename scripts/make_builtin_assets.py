@@ -3,7 +3,8 @@
     python scripts/make_builtin_assets.py
 
 Writes src/tunelab/data/builtin/quickstart/{sft,sft_eval,alpaca,text,prompt_completion}.jsonl,
-{preference,preference_eval}.jsonl and src/tunelab/models/assets/{tokenizer.json,chat_template.jinja}. The data are templated
+{preference,preference_eval}.jsonl, {rl,rl_eval}.jsonl, long-context/{short,long,long_eval}.jsonl and
+src/tunelab/models/assets/{tokenizer.json,chat_template.jinja}. The data are templated
 task families (arithmetic, word games, invented facts) that a 2-layer model learns in a
 minute, with a long tail of long rows (lists, repetitions, stories) so lengths spread the way
 real chat data do. The tokenizer is a 2048-token byte-level BPE trained on this text plus
@@ -239,6 +240,68 @@ def make_rl() -> None:
     write_jsonl(DATA / "rl_eval.jsonl", prompts[:n_eval])
 
 
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                "I will quiz you about the important information there.")
+PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                  "There and back again.")
+
+
+def passkey_document(rng: random.Random, n_filler: int) -> str:
+    """A retrieval document: the passkey test's layout (task, filler, the key at a random depth, question) and the answer.
+
+    Pretraining on these teaches the tiny model to copy a number from far back, so the passkey
+    evaluation measures whether that still works past the trained length.
+    """
+    key = rng.randint(10000, 99999)
+    start = rng.randrange(len(PASSKEY_FILLER))
+    filler = [PASSKEY_FILLER[(start + i) % len(PASSKEY_FILLER)] for i in range(n_filler)]
+    at = rng.randint(0, n_filler)
+    body = " ".join(filler[:at]), f"The pass key is {key}. Remember it. {key} is the pass key.", " ".join(filler[at:])
+    return "\n".join([PASSKEY_TASK, *(b for b in body if b), f"What is the pass key? The pass key is {key}."])
+
+
+def story_document(rng: random.Random, n_parts: int) -> str:
+    """Running text for perplexity: stories and generic sentences, one after another."""
+    parts = []
+    for _ in range(n_parts):
+        parts.append(story(rng)[1] if rng.random() < 0.7 else rng.choice(GENERIC))
+    return " ".join(parts)
+
+
+def make_long_context() -> None:
+    """Documents for the long-context quickstart: short ones (< 128 tokens) to pretrain at L = 128, long ones
+    (128..511 tokens) for the short fine-tune at 4L and for perplexity-vs-length.
+
+    The training sets are half passkey retrievals, half running text, so the short and the long
+    documents differ in length only; the eval set is running text of 600..1200 tokens. Lengths are measured with the bundled tokenizer (+1 for the EOS the
+    text format appends).
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ASSETS / "tokenizer.json"))
+    rng = random.Random(20261125)
+    out = ROOT / "src/tunelab/data/builtin/long-context"
+
+    def documents(count: int, low: int, high: int, filler: tuple[int, int], parts: tuple[int, int]) -> list[dict]:
+        rows = []
+        while len(rows) < count:
+            passkey = len(rows) % 2 == 0
+            text = passkey_document(rng, rng.randint(*filler)) if passkey else story_document(rng, rng.randint(*parts))
+            if low <= len(tok.encode(text).ids) + 1 <= high:
+                rows.append({"text": text})
+        return rows
+
+    write_jsonl(out / "short.jsonl", documents(3000, 24, 127, filler=(1, 14), parts=(1, 4)))
+    write_jsonl(out / "long.jsonl", documents(400, 129, 511, filler=(18, 90), parts=(3, 14)))
+    # perplexity-vs-length reads running text: stories longer than 4L, so a 512-token window rarely crosses a document
+    evals = []
+    while len(evals) < 40:
+        text = story_document(rng, rng.randint(20, 40))
+        if 600 <= len(tok.encode(text).ids) <= 1200:
+            evals.append({"text": text})
+    write_jsonl(out / "long_eval.jsonl", evals)
+
+
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
@@ -270,4 +333,5 @@ if __name__ == "__main__":
     make_tokenizer(make_data())
     make_preference()  # after the tokenizer: its text is not part of the tokenizer's training corpus
     make_rl()
+    make_long_context()
     print("wrote", DATA, ASSETS)
