@@ -49,7 +49,12 @@ CASES = {
                        ["data.train[0].format", "'chatml'"]),
     "unknown-peft": (GOOD + "peft: {method: lorra}\n", [], ["peft.method: unknown method 'lorra'",
                                                             "did you mean 'lora'?"]),
-    "unknown-patch": (GOOD + "patches: [{name: rope, method: yarn}]\n", [], ["patches[0]", "unknown patch 'rope'"]),
+    "unknown-patch": (GOOD + "patches: [{name: rop, method: yarn}]\n", [],
+                      ["patches[0].name", "unknown name 'rop'", "did you mean 'rope'?"]),
+    "rope-without-factor": (GOOD + "patches: [{name: rope, method: yarn}]\n", [],
+                            ["patches[0]", "give factor (e.g. factor: 4) or target_length"]),
+    "rope-unknown-method": (GOOD + "patches: [{name: rope, method: yarm, factor: 4}]\n", [],
+                            ["patches[0].method", "yarn"]),
     "unknown-builtin-model": (GOOD.replace("tiny-llama", "tiny-gpt"), [],
                               ["model.path", "unknown built-in model 'builtin:tiny-gpt'", "builtin:tiny-llama"]),
     "unknown-attn": (GOOD.replace('{path: "builtin:tiny-llama"}', '{path: "builtin:tiny-llama", '
