@@ -216,8 +216,8 @@ def rope_parameters(spec: RopePatch, config: Any) -> tuple[dict[str, Any], int, 
                       spec.attention_factor if spec.attention_factor is not None else yarn_attention_factor(factor))}
     params.update(keep)
     record = {"method": spec.method, "factor": factor, "original_max_position_embeddings": original,
-              "original_rope_theta": theta, "max_position_embeddings": new_max, "target_length": new_max
-              if spec.method != "dynamic_ntk" else int(round(original * factor))}
+              "original_rope_theta": theta, "max_position_embeddings": new_max,
+              "target_length": int(round(original * factor))}
     return params, new_max, record
 
 
