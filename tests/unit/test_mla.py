@@ -295,7 +295,7 @@ def test_load_refuses_an_unconverted_checkpoint(tmp_path) -> None:
         (dict(kv_lora_rank=32, rope_dim=8, partial_rope="middle"), ValueError, "partial_rope"),
         (dict(kv_lora_rank=32, rope_dim=8, svd="qr"), ValueError, "svd"),
         (dict(kv_lora_rank=32, rope_dim=8, partial_rope="2-norm"), ValueError, "calibration_ids"),
-        (dict(kv_lora_rank=32, rope_dim=8, rope_key="shared"), NotImplementedError, "per-head"),
+        (dict(kv_lora_rank=32, rope_dim=8, rope_key="single"), ValueError, "rope_key"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_change(kwargs: dict, error: type, match: str) -> None:

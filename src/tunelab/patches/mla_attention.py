@@ -1,17 +1,21 @@
 """Multi-head latent attention (MLA) for converted Llama/Qwen2/Mistral layers, and its latent-only cache.
 
 ``MLAAttention`` replaces a stock ``self_attn`` inside the stock decoder layer: same call, same
-returns. Per token it computes a latent c_KV = W_down h (shared by all heads) and, per KV head,
-``rope_dim`` RoPE'd key dims straight from h (MHA2MLA's per-head decoupled RoPE). Only
-[c_KV; k_rope] goes into the cache; the non-RoPE keys and all values are recomputed from the
-latent with per-head up-projections (W_UK, W_UV). So the cache holds
-``kv_lora_rank + num_kv_heads * rope_dim`` numbers per token per layer instead of
+returns. Per token it computes a latent c_KV = W_down h (shared by all heads; optionally
+RMS-normalised, as DeepSeek does) and a decoupled RoPE key straight from h: ``per-head``
+(MHA2MLA: each KV head has its own ``rope_dim`` RoPE'd dims) or ``shared`` (DeepSeek: one RoPE
+key of ``rope_dim`` dims for all heads). Only [c_KV; k_rope] goes into the cache; the non-RoPE
+keys and all values are recomputed from the latent with per-head up-projections (W_UK, W_UV).
+So the cache holds ``kv_lora_rank + num_kv_heads * rope_dim`` (per-head) or
+``kv_lora_rank + rope_dim`` (shared) numbers per token per layer instead of
 ``2 * num_kv_heads * head_dim``.
 
 Layout: every query head's output of ``q_proj`` is ordered [NoPE dims | RoPE dims] (conversion
 permutes the rows once), and the RoPE dims are [first halves of the kept pairs | second halves],
 so transformers' ``rotate_half`` convention applies to them unchanged. The query of a head uses
-RoPE on exactly the frequency pairs its KV head keeps.
+RoPE on exactly the frequency pairs its RoPE key keeps. Per-head: the NoPE dims are the head's
+other ``head_dim - rope_dim`` dims. Shared: the NoPE part is all ``head_dim`` dims (the part of
+the kept pairs that the shared key does not carry is position-free there).
 
 Two equal ways to attend (``absorb`` flag):
 - plain: up-project the cached latents to keys and values, then ordinary attention;
@@ -87,7 +91,8 @@ class MLACache(DynamicCache):
     """A generation cache that holds only [c_KV; k_rope] per token per layer.
 
     Each layer's "keys" slot holds the latent c_KV, shape (B, 1, S, kv_lora_rank), and its
-    "values" slot the already rotated RoPE keys, shape (B, num_kv_heads, S, rope_dim). Reusing
+    "values" slot the already rotated RoPE keys, shape (B, num_kv_heads, S, rope_dim) with a
+    per-head RoPE key or (B, 1, S, rope_dim) with a shared one. Reusing
     ``DynamicLayer`` keeps everything ``generate`` relies on (sequence length, mask sizes, beam
     reordering, cropping) working unchanged. Pass it as ``model.generate(...,
     past_key_values=MLACache())``; without it, transformers' default ``DynamicCache`` stores the
@@ -119,16 +124,32 @@ class MLACache(DynamicCache):
         return total
 
 
+class LatentRMSNorm(nn.Module):
+    """RMSNorm of the latent, computed as DeepSeek-V3's ``kv_a_layernorm`` (fp32 statistics, eps 1e-6)."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
 class MLAAttention(nn.Module):
-    """Multi-head latent attention with per-head decoupled RoPE, a drop-in for a stock ``self_attn``.
+    """Multi-head latent attention with a decoupled RoPE key, a drop-in for a stock ``self_attn``.
 
     Parameters: ``q_proj`` and ``o_proj`` as in the original model (q rows permuted per head to
-    [NoPE | RoPE]); ``kv_down_proj`` (hidden -> kv_lora_rank, the cached latent); ``k_up_proj``
-    (latent -> num_kv_heads * (head_dim - rope_dim), absent when every dim is RoPE'd);
-    ``v_up_proj`` (latent -> num_kv_heads * head_dim); ``k_rope_proj`` (hidden -> num_kv_heads
-    * rope_dim). Original k/v biases stay exact as constants added after the up-projections
-    (a bias cannot pass through the latent). ``rope_pairs[g]`` are the frequency pairs KV head g
-    (and its query heads) keep rotating.
+    [NoPE | RoPE]); ``kv_down_proj`` (hidden -> kv_lora_rank, the cached latent); ``kv_norm``
+    (RMSNorm of the latent, only with ``latent_norm``); ``k_up_proj`` (latent -> num_kv_heads *
+    nope_dim, absent when nope_dim is 0); ``v_up_proj`` (latent -> num_kv_heads * head_dim);
+    ``k_rope_proj`` (hidden -> rope_heads * rope_dim, rope_heads = num_kv_heads per-head, 1
+    shared). Original k/v biases stay exact as constants added after the up-projections (a bias
+    cannot pass through the latent). ``rope_pairs[g]`` are the frequency pairs RoPE key g (and
+    the query heads that read it) keep rotating: shape (rope_heads, rope_dim / 2).
     """
 
     def __init__(
@@ -141,6 +162,8 @@ class MLAAttention(nn.Module):
         k_bias: bool = False,
         v_bias: bool = False,
         o_bias: bool = False,
+        rope_key: str = "per-head",
+        latent_norm: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -151,8 +174,13 @@ class MLAAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.kv_lora_rank = kv_lora_rank
+        self.shared_rope = rope_key == "shared"
+        self.rope_heads = 1 if self.shared_rope else self.num_kv_heads
+        if rope_pairs.shape[0] != self.rope_heads:
+            raise ValueError(f"rope_pairs has {rope_pairs.shape[0]} rows; rope_key={rope_key!r} needs {self.rope_heads}")
         self.rope_dim = 2 * rope_pairs.shape[1]
-        self.nope_dim = self.head_dim - self.rope_dim
+        self.nope_dim = self.head_dim if self.shared_rope else self.head_dim - self.rope_dim
+        self.q_head_dim = self.nope_dim + self.rope_dim
         self.scaling = self.head_dim**-0.5  # the original head size: the scores must not change
         self.attention_dropout = getattr(config, "attention_dropout", 0.0)
         self.is_causal = True
@@ -160,22 +188,23 @@ class MLAAttention(nn.Module):
         self.register_buffer("rope_pairs", rope_pairs.to(torch.long).clone(), persistent=False)
 
         n_h, n_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(self.hidden_size, n_h * d, bias=q_bias)
+        self.q_proj = nn.Linear(self.hidden_size, n_h * self.q_head_dim, bias=q_bias)
         self.kv_down_proj = nn.Linear(self.hidden_size, kv_lora_rank, bias=False)
+        self.kv_norm = LatentRMSNorm(kv_lora_rank) if latent_norm else None
         self.k_up_proj = nn.Linear(kv_lora_rank, n_kv * self.nope_dim, bias=k_bias) if self.nope_dim else None
         self.v_up_proj = nn.Linear(kv_lora_rank, n_kv * d, bias=v_bias)
-        self.k_rope_proj = nn.Linear(self.hidden_size, n_kv * self.rope_dim, bias=k_bias)
+        self.k_rope_proj = nn.Linear(self.hidden_size, self.rope_heads * self.rope_dim, bias=k_bias)
         self.o_proj = nn.Linear(n_h * d, self.hidden_size, bias=o_bias)
 
     def rope_cos_sin(self, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the model's rotary module (B, T, head_dim), cut to each KV head's pairs: (B, n_kv, T, rope_dim).
+        """cos/sin of the model's rotary module (B, T, head_dim), cut to each RoPE key's pairs: (B, rope_heads, T, rope_dim).
 
         Taking them from ``position_embeddings`` keeps whatever scaling (YaRN, linear, ...) the
         model's rotary module applies.
         """
         cos, sin = position_embeddings
         half = self.head_dim // 2
-        # (B, T, half)[..., (n_kv, r/2)] -> (B, T, n_kv, r/2) -> (B, n_kv, T, r/2)
+        # (B, T, half)[..., (rope_heads, r/2)] -> (B, T, rope_heads, r/2) -> (B, rope_heads, T, r/2)
         cos = cos[..., :half][..., self.rope_pairs].transpose(1, 2)
         sin = sin[..., :half][..., self.rope_pairs].transpose(1, 2)
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
@@ -190,29 +219,33 @@ class MLAAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention output (B, T, hidden) and weights, as the stock attention returns them."""
         b, t, _ = hidden_states.shape
-        n_h, n_kv, d, r = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dim
+        n_h, r = self.num_heads, self.rope_dim
 
         cos, sin = self.rope_cos_sin(position_embeddings)
-        q = self.q_proj(hidden_states).view(b, t, n_h, d).transpose(1, 2)
+        q = self.q_proj(hidden_states).view(b, t, n_h, self.q_head_dim).transpose(1, 2)
         q_nope = q[..., : self.nope_dim]
-        q_rope = apply_rope(
-            q[..., self.nope_dim :],
-            repeat_kv(cos, self.num_key_value_groups),
-            repeat_kv(sin, self.num_key_value_groups),
-        )
+        per_query = self.num_heads // self.rope_heads  # query heads reading one RoPE key
+        q_rope = apply_rope(q[..., self.nope_dim :], repeat_kv(cos, per_query), repeat_kv(sin, per_query))
 
-        latent = self.kv_down_proj(hidden_states).unsqueeze(1)  # (B, 1, T, R)
-        k_rope = apply_rope(self.k_rope_proj(hidden_states).view(b, t, n_kv, r).transpose(1, 2), cos, sin)
+        latent = self.kv_down_proj(hidden_states)
+        if self.kv_norm is not None:
+            latent = self.kv_norm(latent)
+        latent = latent.unsqueeze(1)  # (B, 1, T, R)
+        k_rope = self.k_rope_proj(hidden_states).view(b, t, self.rope_heads, r).transpose(1, 2)
+        k_rope = apply_rope(k_rope, cos, sin)
         if past_key_values is not None:
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
 
         dropout = self.attention_dropout if self.training else 0.0
-        if self.absorb:
-            out, weights = self._attend_absorbed(q_nope, q_rope, latent, k_rope, attention_mask, dropout)
-        else:
-            out, weights = self._attend_plain(q_nope, q_rope, latent, k_rope, attention_mask, dropout)
-        out = out.transpose(1, 2).reshape(b, t, n_h * d)
+        attend_latents = self._attend_absorbed if self.absorb else self._attend_plain
+        out, weights = attend_latents(q_nope, q_rope, latent, k_rope, attention_mask, dropout)
+        out = out.transpose(1, 2).reshape(b, t, n_h * self.head_dim)
         return self.o_proj(out), weights
+
+    def _rope_keys_per_kv_head(self, k_rope: torch.Tensor) -> torch.Tensor:
+        """(B, rope_heads, S, r) -> (B, num_kv_heads, S, r): a shared key serves every KV head."""
+        b, _, s, r = k_rope.shape
+        return k_rope.expand(b, self.num_kv_heads, s, r) if self.shared_rope else k_rope
 
     def _attend_plain(
         self,
@@ -227,10 +260,10 @@ class MLAAttention(nn.Module):
         b, _, s, _ = latent.shape
         n_kv, d = self.num_kv_heads, self.head_dim
         c = latent[:, 0]  # (B, S, R)
-        keys = k_rope
+        keys = self._rope_keys_per_kv_head(k_rope)
         if self.k_up_proj is not None:
             k_nope = self.k_up_proj(c).view(b, s, n_kv, self.nope_dim).transpose(1, 2)
-            keys = torch.cat((k_nope, k_rope), dim=-1)
+            keys = torch.cat((k_nope, keys), dim=-1)
         values = self.v_up_proj(c).view(b, s, n_kv, d).transpose(1, 2)
         query = torch.cat((q_nope, q_rope), dim=-1)
         groups = self.num_key_value_groups
@@ -250,12 +283,12 @@ class MLAAttention(nn.Module):
         _, _, s, rank = latent.shape
         n_kv, groups, d = self.num_kv_heads, self.num_key_value_groups, self.head_dim
 
-        query, keys = q_rope, k_rope
+        query, keys = q_rope, self._rope_keys_per_kv_head(k_rope)
         if self.k_up_proj is not None:
             w_uk = self.k_up_proj.weight.view(n_kv, self.nope_dim, rank)
             q_latent = torch.einsum("bgjtn,gnr->bgjtr", q_nope.reshape(b, n_kv, groups, t, self.nope_dim), w_uk)
             query = torch.cat((q_latent.reshape(b, n_h, t, rank), q_rope), dim=-1)
-            keys = torch.cat((latent.expand(b, n_kv, s, rank), k_rope), dim=-1)
+            keys = torch.cat((latent.expand(b, n_kv, s, rank), keys), dim=-1)
         out_latent, weights = attend(
             query, repeat_kv(keys, groups), latent.expand(b, n_h, s, rank), attention_mask, self.scaling, dropout
         )
