@@ -22,6 +22,12 @@ app = typer.Typer(help="Fine-tune language models from YAML recipes.", no_args_i
                   pretty_exceptions_enable=False, add_completion=False)
 recipes_app = typer.Typer(help="The shipped recipe library: list, show, copy.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+convert_app = typer.Typer(help="Convert a model's architecture (mla: multi-head latent attention).",
+                          no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+export_app = typer.Typer(help="Export a converted model to another architecture's checkpoint format.",
+                         no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a recipe key: dotted.key=value")]
 
@@ -84,19 +90,21 @@ def validate(
         raise typer.Exit(2)
 
 
-LONG = "Long context (--task passkey | ppl-vs-length)"
-TASKS = ("lm", "reward", "passkey", "ppl-vs-length")
+LONG = "Long context (--task passkey | ppl-vs-length | kv-cache)"
+TASKS = ("lm", "reward", "passkey", "ppl-vs-length", "kv-cache")
+NO_DATA_TASKS = ("passkey", "kv-cache")
 
 
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
     data: Annotated[Optional[str], typer.Option(help="data source (file, hub id or builtin:NAME); needed by every "
-                                                "task but passkey")] = None,
+                                                "task but passkey and kv-cache")] = None,
     task: Annotated[str, typer.Option(help="lm: perplexity (and --generate); reward: pairwise accuracy of a "
                                       "reward model on preference pairs; passkey: passkey retrieval by length x "
                                       "depth; ppl-vs-length: sliding-window perplexity at several context "
-                                      "lengths")] = "lm",
+                                      "lengths; kv-cache: KV-cache bytes per token, predicted (original vs MLA) "
+                                      "and measured after generating")] = "lm",
     format: Annotated[Optional[str], typer.Option(help="messages|sharegpt|alpaca|prompt_completion|text "
                                                   "(default: messages; ppl-vs-length: text)")] = None,
     max_length: Annotated[int, typer.Option()] = 1024,
@@ -110,7 +118,8 @@ def eval_(
     num_beams: Annotated[int, typer.Option()] = 1,
     samples: Annotated[int, typer.Option(help="how many generations to print")] = 3,
     lengths: Annotated[Optional[str], typer.Option(help="context lengths in tokens, comma-separated "
-                                                   "(default: passkey 256,512,1024; ppl-vs-length 128,256,512)",
+                                                   "(default: passkey 256,512,1024; ppl-vs-length 128,256,512; "
+                                                   "kv-cache 64,256)",
                                                    rich_help_panel=LONG)] = None,
     depths: Annotated[str, typer.Option(help="passkey: where the passkey sits in the filler, 0 (start) to 1 "
                                         "(end)", rich_help_panel=LONG)] = "0,0.25,0.5,0.75,1.0",
@@ -125,16 +134,19 @@ def eval_(
                                                    "(default: MODEL-eval-TASK beside a local model, "
                                                    "else ./eval-TASK)", rich_help_panel=LONG)] = None,
 ) -> None:
-    """Perplexity on data (--generate: BLEU/ROUGE-L), reward accuracy, passkey retrieval, or perplexity vs length."""
-    from tunelab.evaluate import run_eval, run_passkey_eval, run_ppl_vs_length_eval, run_reward_eval
+    """Perplexity (--generate: BLEU/ROUGE-L), reward accuracy, passkey retrieval, ppl vs length, KV-cache size."""
+    from tunelab.evaluate import run_eval, run_kv_cache_eval, run_passkey_eval, run_ppl_vs_length_eval, run_reward_eval
 
     if task not in TASKS:
         _fail(UserError(Problem("--task", f"unknown task {task!r}", "use " + ", ".join(TASKS))))
+    if task in NO_DATA_TASKS and data:
+        _fail(UserError(Problem("--data", f"--task {task} does not read data", "it builds its own input; drop "
+                                "--data")))
     if task == "passkey":
-        if data:
-            _fail(UserError(Problem("--data", "--task passkey does not read data", "it builds its own filler "
-                                    "text; drop --data")))
         _guard(run_passkey_eval, model, lengths, depths, trials, seed, output, max_new_tokens)
+        return
+    if task == "kv-cache":
+        _guard(run_kv_cache_eval, model, lengths, output)
         return
     if not data:
         _fail(UserError(Problem("--data", f"--task {task} needs a data source", "pass --data FILE, a hub dataset "
@@ -178,6 +190,54 @@ def merge(
     from tunelab.evaluate import run_merge
 
     _guard(run_merge, source, output)
+
+
+PARTIAL_ROPE = ("high", "low", "uniform", "2-norm")
+
+
+@convert_app.command("mla")
+def convert_mla(
+    model: Annotated[str, typer.Argument(help="model dir, run dir, hub id or builtin:tiny-*")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="new folder for the converted model")],
+    kv_lora_rank: Annotated[int, typer.Option(help="size of the cached latent per token per layer (at most "
+                                              "2 x num_kv_heads x head_dim)")],
+    rope_dim: Annotated[int, typer.Option(help="RoPE'd key dims kept per KV head (per-head) or in all (shared); "
+                                          "even, at most head_dim")],
+    partial_rope: Annotated[str, typer.Option(help="which frequency pairs keep RoPE: " + " | ".join(PARTIAL_ROPE)
+                                              + " (2-norm: largest query/key norms on --calibration-data)")] = "high",
+    svd: Annotated[str, typer.Option(help="joint: one SVD of [W_k_nope; W_v] | split: keys and values "
+                                     "separately")] = "joint",
+    rope_key: Annotated[str, typer.Option(help="per-head: a RoPE key per KV head (MHA2MLA) | shared: one for all "
+                                          "heads (DeepSeek)")] = "per-head",
+    latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMS-normalise the cached latent (DeepSeek; "
+                                              "needed by export deepseek)")] = False,
+    calibration_data: Annotated[Optional[str], typer.Option(help="tokens to calibrate on: builtin:NAME, a file or a "
+                                                            "hub dataset (needed by --partial-rope 2-norm)")] = None,
+    calibration_format: Annotated[Optional[str], typer.Option(help="text | messages | sharegpt | alpaca | "
+                                                              "prompt_completion (default: from the columns)")] = None,
+    calibration_samples: Annotated[int, typer.Option(help="calibration rows")] = 32,
+    calibration_length: Annotated[int, typer.Option(help="tokens per calibration row")] = 128,
+    device: Annotated[str, typer.Option(help="auto (cuda when available) | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Convert a Llama/Qwen2/Mistral model to multi-head latent attention (MLA) and save it."""
+    from tunelab.convert import run_convert_mla
+
+    _guard(run_convert_mla, model, output, kv_lora_rank, rope_dim, partial_rope=partial_rope, svd=svd,
+           rope_key=rope_key, latent_norm=latent_norm, calibration_data=calibration_data,
+           calibration_format=calibration_format, calibration_samples=calibration_samples,
+           calibration_length=calibration_length, device=device)
+
+
+@export_app.command("deepseek")
+def export_deepseek(
+    model: Annotated[str, typer.Argument(help="an MLA-converted model dir or run dir (tunelab convert mla)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="new folder for the DeepSeek-V3 checkpoint")],
+    rope_layout: Annotated[str, typer.Option(help="interleaved (DeepSeek-V3's own) | half-split")] = "interleaved",
+) -> None:
+    """Export an MLA-converted model as a stock DeepSeek-V3 checkpoint (plain transformers loads it)."""
+    from tunelab.convert import run_export_deepseek
+
+    _guard(run_export_deepseek, model, output, rope_layout)
 
 
 @recipes_app.command("ls")

@@ -37,10 +37,14 @@ def inference_tokenizer(path: str) -> Any:
 
 
 def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) from a full model dir, a PEFT adapter dir, a run dir, or builtin:tiny-*."""
+    """(model, tokenizer) from a full model dir, a PEFT adapter dir, a run dir, or builtin:tiny-*.
+
+    MLA-converted directories (and adapters trained on one) load with their MLA attention.
+    """
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.builtin import builtin_model, builtin_tokenizer
+    from tunelab.models.load import load_mla_checkpoint, mla_checkpoint
 
     if path.startswith("builtin:"):
         from tunelab.models.builtin import BUILTIN_MODELS
@@ -58,11 +62,15 @@ def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
         base_path = cfg.get("base_model_name_or_path") or ""
         if base_path.startswith("builtin:"):
             base = builtin_model(base_path[len("builtin:") :])
+        elif mla_checkpoint(base_path):
+            base = load_mla_checkpoint(base_path)
         else:
             base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True)
         model = PeftModel.from_pretrained(base, path)
         if merge:
             model = model.merge_and_unload()
+    elif mla_checkpoint(p):
+        model = load_mla_checkpoint(p)
     elif p.is_dir() and (p / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     elif p.exists():
@@ -254,6 +262,25 @@ def run_ppl_vs_length_eval(model_path: str, data: str, fmt: str = "text", length
     return results
 
 
+def run_kv_cache_eval(model_path: str, lengths: str | Sequence[int] | None = None,
+                      output: str | Path | None = None) -> dict[str, Any]:
+    """KV-cache bytes per token, predicted (original vs MLA) and measured after generating; writes kv_cache.json."""
+    from tunelab.eval.kv_cache import format_kv_report, kv_cache_report
+
+    lengths_ = parse_lengths("64,256" if lengths is None else lengths)
+    model, _ = load_for_inference(model_path)
+    _note_beyond_trained(model, lengths_)
+    report = kv_cache_report(model, lengths_)
+    print(format_kv_report(report))
+    if not report["all_match"]:
+        _say("note: a measured cache differs from the prediction (a sliding-window layer caps what it keeps, or "
+             "the cache stores something else)")
+    out = Path(output) if output else default_eval_dir(model_path, "kv-cache")
+    _write_json(out / "kv_cache.json", {"model": model_path, "task": "kv-cache", **report})
+    _say(f"wrote {out / 'kv_cache.json'}")
+    return report
+
+
 def load_reward_model(path: str) -> tuple[Any, Any]:
     """(reward model, tokenizer) from a reward run dir, its final/, or a reward LoRA adapter dir."""
     from transformers import AutoModelForSequenceClassification
@@ -271,6 +298,9 @@ def load_reward_model(path: str) -> tuple[Any, Any]:
         model = PeftModel.from_pretrained(base, path)
     elif (p / "config.json").is_file():
         cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("mla"):
+            raise UserError(Problem("MODEL", f"{path} is an MLA-converted causal LM, not a reward model",
+                                    "train one with method: reward"))
         if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
             raise UserError(Problem("MODEL", f"{path} is not a reward model ({', '.join(cfg.get('architectures') or [])})",
                                     "train one with method: reward"))

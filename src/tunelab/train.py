@@ -120,7 +120,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
                 if recipe.patches:
                     from tunelab.patches import apply_patches
 
-                    apply_patches(base, recipe)  # the adapter's base must rotate as the trained model did
+                    # the adapter's base must rotate (and attend) as the trained model did
+                    apply_patches(base, recipe, tokenizer)
                 base.save_pretrained(base_dir)
                 tokenizer.save_pretrained(base_dir)
             model.config.name_or_path = str(base_dir)

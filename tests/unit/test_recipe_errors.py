@@ -18,6 +18,8 @@ method: {name: sft}
 train: {output_dir: runs/x, learning_rate: 1.0e-3}
 """
 
+MLA = "patches: [{{name: mla, kv_lora_rank: 32, {}}}]\n"
+
 # id -> (recipe text, --set overrides, substrings stderr must contain)
 CASES = {
     "empty-file": ("", [], ["recipe file is empty"]),
@@ -55,6 +57,32 @@ CASES = {
                             ["patches[0]", "give factor (e.g. factor: 4) or target_length"]),
     "rope-unknown-method": (GOOD + "patches: [{name: rope, method: yarm, factor: 4}]\n", [],
                             ["patches[0].method", "yarn"]),
+    "mla-odd-rope-dim": (GOOD + MLA.format("rope_dim: 7"), [], ["patches[0].rope_dim", "is odd", "use 6 or 8"]),
+    "mla-missing-rope-dim": (GOOD + "patches: [{name: mla, kv_lora_rank: 32}]\n", [],
+                             ["patches[0].rope_dim: required key is missing"]),
+    "mla-rank-zero": (GOOD + "patches: [{name: mla, kv_lora_rank: 0, rope_dim: 8}]\n", [],
+                      ["patches[0].kv_lora_rank", "greater than or equal to 1"]),
+    "mla-misspelt-key": (GOOD + MLA.format("rope_dim: 8, partial_rop: high"), [],
+                         ["patches[0].partial_rop: unknown key", "did you mean 'partial_rope'?"]),
+    "mla-unknown-partial-rope": (GOOD + MLA.format("rope_dim: 8, partial_rope: hgh"), [],
+                                 ["patches[0].partial_rope", "did you mean 'high'?"]),
+    "mla-2-norm-without-calibration": (GOOD + MLA.format("rope_dim: 8, partial_rope: 2-norm"), [],
+                                       ["patches[0].calibration_data", "give calibration_data"]),
+    "mla-missing-calibration-file": (GOOD + MLA.format("rope_dim: 8, calibration_data: no/such.jsonl"), [],
+                                     ["patches[0].calibration_data", "data file not found"]),
+    "mla-calibration-columns": (GOOD + MLA.format('rope_dim: 8, calibration_data: "builtin:quickstart/preference"'),
+                                [], ["patches[0].calibration_data", "cannot tell the format",
+                                     "set patches[0].calibration_format"]),
+    "mla-twice": (GOOD + "patches: [{name: mla, kv_lora_rank: 32, rope_dim: 8}, {name: mla, kv_lora_rank: 8, "
+                  "rope_dim: 4}]\n", [], ["patches[1]", "already converted to MLA by patches[0]"]),
+    "mla-with-qlora": (GOOD + MLA.format("rope_dim: 8") + "peft: {method: qlora}\n", [],
+                       ["patches[0]", "peft.method: qlora", "use peft.method: lora"]),
+    "mla-flash-attention": (GOOD.replace('{path: "builtin:tiny-llama"}', '{path: "builtin:tiny-llama", '
+                                         'attn_implementation: flash_attention_2}') + MLA.format("rope_dim: 8"), [],
+                            ["model.attn_implementation", "eager or sdpa", "use sdpa"]),
+    "mla-reward-model": (GOOD.replace("{name: sft}", "{name: reward}").replace(
+        '"builtin:quickstart/sft", format: messages', '"builtin:quickstart/preference", format: preference')
+        + MLA.format("rope_dim: 8"), [], ["patches[0]", "method reward trains a sequence classifier"]),
     "unknown-builtin-model": (GOOD.replace("tiny-llama", "tiny-gpt"), [],
                               ["model.path", "unknown built-in model 'builtin:tiny-gpt'", "builtin:tiny-llama"]),
     "unknown-attn": (GOOD.replace('{path: "builtin:tiny-llama"}', '{path: "builtin:tiny-llama", '
@@ -216,3 +244,40 @@ def test_good_recipe_passes(tmp_path, run_cli):
     rc, out, err = run_cli("validate", path)
     assert rc == 0, err
     assert "ok:" in out
+
+
+# Checks of a patch against the model's config run after the config is read (transformers is
+# imported for that), so they are tested in this process rather than in the fast cases above.
+MODEL_CASES = {  # id -> (model.path: builtin name or a config.json to write, patch fields, substrings)
+    "mla-rank-too-large": ("builtin:tiny-llama", "kv_lora_rank: 129, rope_dim: 8",
+                           [("patches[0].kv_lora_rank: 129 is larger than 2 x num_key_value_heads x head_dim = "
+                             "2 x 2 x 32 = 128"), "use 1 to 128"]),
+    "mla-rope-dim-over-head-dim": ("builtin:tiny-llama", "kv_lora_rank: 32, rope_dim: 34",
+                                   ["patches[0].rope_dim: 34 is larger than the model's head_dim 32"]),
+    "mla-unsupported-model": ({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
+                              "kv_lora_rank: 8, rope_dim: 4",
+                              [("patches[0]: model.path is a 'gpt2' model; MLA conversion supports llama, "
+                                "qwen2, mistral")]),
+    "mla-already-converted": ("mla", "kv_lora_rank: 8, rope_dim: 4",
+                              ["patches[0]: model.path is already converted to MLA", "drop the mla patch"]),
+}
+
+
+@pytest.mark.parametrize("case_id", sorted(MODEL_CASES))
+def test_patch_checks_against_the_model_config(case_id, tmp_path):
+    from tunelab.errors import RecipeError
+    from tunelab.models.builtin import builtin_config
+    from tunelab.recipe.validate import validate
+
+    model, fields, expect = MODEL_CASES[case_id]
+    if not isinstance(model, str) or model == "mla":
+        config = builtin_config("tiny-llama").to_dict() | {"mla": {"kv_lora_rank": 32}} if model == "mla" else model
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+        model = str(tmp_path / "model")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD.replace("builtin:tiny-llama", model) + f"patches: [{{name: mla, {fields}}}]\n")
+    with pytest.raises(RecipeError) as exc:
+        validate(path)
+    for s in expect:
+        assert s in str(exc.value), f"{s!r} not in:\n{exc.value}"

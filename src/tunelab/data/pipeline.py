@@ -232,12 +232,19 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
 
 
 def data_fingerprints(recipe: Any) -> list[dict[str, Any]]:
-    """Fingerprints of every train and eval source, for the lock file."""
+    """Fingerprints of every train and eval source and of patches' calibration data, for the lock file."""
+    from tunelab.recipe.schema import DataSource
+
     out = []
     for split, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, src in enumerate(sources):
             resolved = resolve_source(src.source, f"data.{split}[{i}].source")
             out.append({"split": split, **fingerprint(src, resolved)})
+    for i, patch in enumerate(recipe.patches):
+        source = getattr(patch, "calibration_data", None)
+        if source:
+            src = DataSource(source=source, format="text")
+            out.append({"split": f"patches[{i}]", **fingerprint(src, resolve_source(source, f"patches[{i}]"))})
     return out
 
 

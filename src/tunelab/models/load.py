@@ -1,11 +1,16 @@
 """Load a model and tokenizer from a hub id, a local directory or ``builtin:tiny-*``.
 
-``trust_remote_code`` only ever comes from the recipe; weights load from safetensors only.
+``trust_remote_code`` only ever comes from the recipe; weights load from safetensors only. A
+local directory saved after MLA conversion (its config.json has an ``mla`` block) loads through
+``tunelab.patches.mla.load_mla_model``: the stock architecture with the MLA attention modules in
+place, so a converted model (or a run trained from one) fine-tunes, evaluates and generates
+like any other.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,67 @@ def missing_models(recipe: Any) -> list[Problem]:
     if critic not in (None, "policy", "reward_model"):
         paths.append(("method.critic", critic))
     return [m for key, path in paths if path and (m := missing_local_model(path, key))]
+
+
+def mla_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a local model directory converted to MLA (an ``mla`` block in its config.json)."""
+    config = Path(str(path)).expanduser() / "config.json"
+    if str(path).startswith("builtin:") or not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("mla"))
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: the ordinary loader reports it
+
+
+def mla_checkpoint_problems(recipe: Any) -> list[Problem]:
+    """A recipe whose models are MLA-converted directories must load them the ways MLA supports (no weights read)."""
+    problems = []
+    from tunelab.methods import method_module
+
+    path = recipe.model.path
+    if mla_checkpoint(path):
+        if recipe.model.attn_implementation not in ("eager", "sdpa"):
+            problems.append(Problem("model.attn_implementation", f"{path} is an MLA model: its attention reads eager "
+                                    f"or sdpa masks, not {recipe.model.attn_implementation}", "use sdpa"))
+        peft_method = getattr(recipe.peft, "method", None)
+        if recipe.model.quantization is not None or peft_method == "qlora":
+            key = "peft.method" if peft_method == "qlora" else "model.quantization"
+            problems.append(Problem(key, f"{path} is an MLA model, which tunelab loads unquantized",
+                                    "use peft.method: lora (or dora)"))
+        if getattr(method_module(recipe.method), "MODEL_HEAD", "causal") != "causal":
+            problems.append(Problem("model.path", f"{path} is an MLA model, which loads as a causal LM only; "
+                                    f"method {recipe.method.name} needs a sequence classifier",
+                                    "start the reward model from the unconverted model"))
+        if getattr(recipe.method, "critic", None) == "policy":
+            problems.append(Problem("method.critic", f"the critic would be a score-head copy of {path}, an MLA model, "
+                                    "which loads as a causal LM only", "set method.critic to a reward model run or "
+                                    "an unconverted model"))
+    critic = getattr(recipe.method, "critic", None)
+    if critic not in (None, "policy", "reward_model") and mla_checkpoint(critic):
+        problems.append(Problem("method.critic", f"{critic} is an MLA model, which loads as a causal LM only",
+                                "use a reward model run or an unconverted model"))
+    for i, r in enumerate(getattr(recipe.method, "rewards", None) or []):
+        if getattr(r, "model", None) and mla_checkpoint(r.model):
+            problems.append(Problem(f"method.rewards.{i}.model", f"{r.model} is an MLA model, not a reward model",
+                                    "use a reward model run"))
+    return problems
+
+
+def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation: str = "sdpa") -> Any:
+    """A causal LM saved after MLA conversion, in ``dtype`` (default: as saved), named by its path (PEFT reads it)."""
+    from tunelab.patches.mla import load_mla_model
+
+    if attn_implementation not in ("eager", "sdpa"):
+        raise UserError(Problem("model.attn_implementation", f"{path} is an MLA model: its attention reads eager or "
+                                f"sdpa masks, not {attn_implementation}", "use sdpa"))
+    model = load_mla_model(path, attn_implementation=attn_implementation)
+    if dtype is not None:
+        model = model.to(dtype)
+    # from_config leaves these empty; a PEFT adapter records its base from them
+    model.name_or_path = str(path)
+    model.config.name_or_path = str(path)
+    return model
 
 
 def load_config(spec: Any) -> Any | None:
@@ -134,6 +200,14 @@ def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, 
         path, revision, remote = str(tmp), None, False
     else:
         path, revision, remote = spec.path, spec.revision, spec.trust_remote_code
+    if mla_checkpoint(path):
+        if quantization is not None:
+            raise UserError(Problem("model.quantization", f"{path} is an MLA model, which tunelab loads unquantized",
+                                    "use peft.method: lora (or dora)"))
+        if head != "causal":
+            raise UserError(Problem("model.path", f"{path} is an MLA model, which loads as a causal LM only",
+                                    "start a reward model or critic from the unconverted model"))
+        return load_mla_checkpoint(path, dtype, spec.attn_implementation)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                                   trust_remote_code=remote, use_safetensors=True)
     if revision:

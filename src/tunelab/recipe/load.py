@@ -91,22 +91,31 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _anchor_data_paths(data: dict[str, Any], base_dir: Path) -> None:
-    """Make relative data file paths relative to the recipe that names them (if the file is there)."""
+    """Make relative data file paths relative to the recipe that names them (if the file is there).
+
+    Data sources (``data.train/eval[].source``) and a patch's ``calibration_data``.
+    """
+    def anchor(entry: Any, key: str) -> None:
+        if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
+            return
+        s = entry[key]
+        if s.startswith("builtin:") or "${" in s or Path(s).is_absolute():
+            return
+        candidate = (base_dir / s).resolve()
+        if candidate.exists():
+            entry[key] = str(candidate)
+
     block = data.get("data")
-    if not isinstance(block, dict):
-        return
-    for split in ("train", "eval"):
-        sources = block.get(split)
-        if not isinstance(sources, list):
-            continue
-        for src in sources:
-            if isinstance(src, dict) and isinstance(src.get("source"), str):
-                s = src["source"]
-                if s.startswith("builtin:") or "${" in s or Path(s).is_absolute():
-                    continue
-                candidate = (base_dir / s).resolve()
-                if candidate.exists():
-                    src["source"] = str(candidate)
+    if isinstance(block, dict):
+        for split in ("train", "eval"):
+            sources = block.get(split)
+            if isinstance(sources, list):
+                for src in sources:
+                    anchor(src, "source")
+    patches = data.get("patches")
+    if isinstance(patches, list):
+        for patch in patches:
+            anchor(patch, "calibration_data")
 
 
 def resolve_extends(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:

@@ -4,7 +4,9 @@
 2. data: every source resolves and its first rows convert to the method's format;
 3. the method's TRL config object is constructed from the recipe (catches a bad ``method.trl``);
 4. the attention implementation can run on this machine;
-5. patches fit the model's config (read without its weights).
+5. patches fit the rest of the recipe and an MLA-converted model.path is loaded only in ways
+   MLA supports (both before 3: no torch needed); patches fit the model's config (read without
+   its weights).
 All problems are collected and raised together.
 """
 
@@ -101,6 +103,13 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
     formats = getattr(module, "ACCEPTED_FORMATS", None)
     problems, notes = check_data(loaded.recipe, accepted_formats=formats)
     problems += report_to_problems(loaded.recipe)
+    from tunelab.models.load import mla_checkpoint_problems
+
+    problems += mla_checkpoint_problems(loaded.recipe)
+    if loaded.recipe.patches:
+        from tunelab.patches import patch_recipe_problems
+
+        problems += patch_recipe_problems(loaded.recipe)
     if hasattr(module, "check_recipe"):
         problems += module.check_recipe(loaded.recipe)
     rewards = getattr(loaded.recipe.method, "rewards", None)
@@ -119,11 +128,10 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
         from tunelab.models.load import attn_problems
 
         problems += attn_problems(loaded.recipe.model)
-    if loaded.recipe.patches:
-        from tunelab.models.load import load_config
+    # Reading the model's config imports transformers: like the TRL config, only once the rest is right.
+    if loaded.recipe.patches and not problems:
+        from tunelab.models.load import load_config, missing_local_model
         from tunelab.patches import patch_problems
-
-        from tunelab.models.load import missing_local_model
 
         config = load_config(loaded.recipe.model)
         if config is not None:
