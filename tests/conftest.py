@@ -37,6 +37,20 @@ def run_cli():
     return _run
 
 
+@pytest.fixture(scope="session")
+def long_context_base(tmp_path_factory) -> Path:
+    """The long-context quickstart's base model (recipes/long-context/pretrain.yaml, about 3.5 min on CPU),
+    trained once per session: the long-context and the MLA end-to-end tests both start from it."""
+    out = tmp_path_factory.mktemp("long-context-pretrain")
+    proc = subprocess.run(
+        [*tunelab_cmd(), "train", "recipes/long-context/pretrain.yaml", "--set", f"train.output_dir={out}",
+         "--set", "train.report_to=[none]"],
+        capture_output=True, text=True, cwd=REPO, timeout=900, env=dict(os.environ),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _no_gpu_tests_without_cuda(request):
     if request.node.get_closest_marker("gpu"):
