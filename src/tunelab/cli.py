@@ -70,6 +70,8 @@ def train(
 def validate(
     recipes: Annotated[list[str], typer.Argument(help="one or more recipe files")],
     set_: SetOpt = None,
+    show_distributed: Annotated[Optional[int], typer.Option(
+        "--show-distributed", help="also print the DeepSpeed JSON and accelerate YAML generated for N processes")] = None,
 ) -> None:
     """Check recipes (schema, data, TRL config) without loading any weights."""
     from tunelab.recipe.validate import validate as check
@@ -77,10 +79,12 @@ def validate(
     failed = 0
     for path in recipes:
         try:
-            _, notes = check(path, set_ or [])
+            loaded, notes = check(path, set_ or [])
             for note in notes:
                 typer.echo(f"  note: {note}")
             typer.echo(f"ok: {path}")
+            if show_distributed is not None:
+                _show_distributed(loaded.recipe, show_distributed)
         except UserError as exc:
             failed += 1
             typer.echo(exc.render(), err=True)
@@ -88,6 +92,23 @@ def validate(
             _fail(exc)
     if failed:
         raise typer.Exit(2)
+
+
+def _show_distributed(recipe, num_processes: int) -> None:  # noqa: ANN001
+    """Print what the recipe's distributed: block generates: the DeepSpeed JSON (zero*) and the accelerate YAML."""
+    import json
+
+    import yaml
+
+    from tunelab.launch.config import accelerate_config, deepspeed_config, zero_stage
+
+    if num_processes < 1:
+        raise UserError(Problem("--show-distributed", "needs a process count of at least 1"))
+    if zero_stage(recipe) is not None:
+        typer.echo(f"# DeepSpeed JSON ({num_processes} processes)")
+        typer.echo(json.dumps(deepspeed_config(recipe, num_processes), indent=2))
+    typer.echo(f"# accelerate config ({num_processes} processes)")
+    typer.echo(yaml.safe_dump(accelerate_config(recipe, num_processes), sort_keys=False).rstrip())
 
 
 LONG = "Long context (--task passkey | ppl-vs-length | kv-cache)"
@@ -270,6 +291,63 @@ def recipes_cp(
     typer.echo(f"copied to {out}")
 
 
+LAUNCH = "Slurm (--slurm)"
+
+
+@app.command()
+def launch(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML (validated before anything starts)")],
+    set_: SetOpt = None,
+    resume: Annotated[Optional[str], typer.Option(help="passed to every rank's `tunelab train --resume`")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="processes per node (default: the GPUs here, "
+                                                          "or 1 without CUDA)")] = None,
+    nnodes: Annotated[int, typer.Option(help="nodes in the job")] = 1,
+    node_rank: Annotated[Optional[int], typer.Option(help="this node's rank, 0..nnodes-1 (static rendezvous)")] = None,
+    master_addr: Annotated[Optional[str], typer.Option(help="address of node 0, reachable from every node")] = None,
+    master_port: Annotated[Optional[int], typer.Option(help="port on the master (default 29500)")] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT of a c10d rendezvous (instead of "
+                                                         "--master-addr/--node-rank)")] = None,
+    rdzv_id: Annotated[str, typer.Option(help="job id shared by all nodes of a c10d rendezvous")] = "tunelab",
+    rdzv_timeout: Annotated[int, typer.Option(help="seconds to wait for the master and the other nodes")] = 300,
+    hostfile: Annotated[Optional[str], typer.Option(help="DeepSpeed-style hostfile ('HOST slots=N' lines): one "
+                                                    "torchrun per host, over ssh unless the host is this one")] = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="KEY=VALUE exported to every rank")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the command per host, run nothing")] = False,
+    slurm: Annotated[bool, typer.Option("--slurm", help="render an sbatch script instead of running",
+                                        rich_help_panel=LAUNCH)] = False,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="write the sbatch script here "
+                                                  "(default: stdout)", rich_help_panel=LAUNCH)] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option(help="GPUs of one compute node (default: "
+                                                         "--nproc-per-node, else the GPUs here)",
+                                                         rich_help_panel=LAUNCH)] = None,
+    cpus_per_task: Annotated[Optional[int], typer.Option(help="CPUs per node task", rich_help_panel=LAUNCH)] = None,
+    time: Annotated[Optional[str], typer.Option(help="time limit, e.g. 4:00:00", rich_help_panel=LAUNCH)] = None,
+    partition: Annotated[Optional[str], typer.Option(rich_help_panel=LAUNCH)] = None,
+    account: Annotated[Optional[str], typer.Option(rich_help_panel=LAUNCH)] = None,
+    job_name: Annotated[str, typer.Option(rich_help_panel=LAUNCH)] = "tunelab",
+    log: Annotated[str, typer.Option(help="sbatch --output", rich_help_panel=LAUNCH)] = "logs/%x-%j.out",
+    hf_home: Annotated[Optional[str], typer.Option(help="HF_HOME on the nodes (shared cache)",
+                                                   rich_help_panel=LAUNCH)] = None,
+    setup: Annotated[Optional[list[str]], typer.Option(help="a shell line before srun (module load, source "
+                                                       "venv/bin/activate); repeatable",
+                                                       rich_help_panel=LAUNCH)] = None,
+) -> None:
+    """Run a recipe on several processes or nodes with torchrun, or render a Slurm script."""
+    from tunelab.launch.launcher import LaunchOptions, Rendezvous, run_launch
+
+    rdzv = Rendezvous(nproc_per_node=nproc_per_node or 1, nnodes=nnodes, node_rank=node_rank,
+                      master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint,
+                      rdzv_id=rdzv_id, rdzv_timeout_s=rdzv_timeout)
+    opts = LaunchOptions(rdzv=rdzv, nproc_given=nproc_per_node is not None, hostfile=hostfile, slurm=slurm,
+                         output=output, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time,
+                         partition=partition, account=account, job_name=job_name, log=log, hf_home=hf_home,
+                         env=env or [], setup=setup or [], dry_run=dry_run)
+    say = (lambda m: typer.echo(m)) if slurm or dry_run else (lambda m: typer.echo(m, err=True))
+    code = _guard(run_launch, recipe, set_ or [], resume, opts, say)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 def env() -> None:
     """Library versions and the devices torch sees."""
@@ -288,6 +366,22 @@ def env() -> None:
         typer.echo(f"{'cpu threads':14s} {torch.get_num_threads()}")
     except ImportError:
         typer.echo("torch          not installed")
+
+
+@app.command()
+def plan(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML (or builtin:NAME)")],
+    set_: SetOpt = None,
+    gpus: Annotated[int, typer.Option(help="GPUs the run is spread over")] = 1,
+    gpu_memory: Annotated[str, typer.Option(help="memory of one GPU, e.g. 80GB, 24GiB (GB = GiB = 2**30 bytes)")] = "80GB",
+    seq_len: Annotated[Optional[int], typer.Option(help="tokens per row (default: data.max_length)")] = None,
+    data: Annotated[bool, typer.Option("--data/--no-data", help="also the length histogram and the first example")] = True,
+) -> None:
+    """Per-GPU memory by strategy, the data's token lengths and the loss mask, without loading weights."""
+    from tunelab.plan import run_plan
+
+    for line in _guard(run_plan, recipe, set_ or [], gpus, gpu_memory, seq_len, sys.stdout.isatty(), data):
+        typer.echo(line)
 
 
 def main() -> None:

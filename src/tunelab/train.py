@@ -55,10 +55,61 @@ def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]]) -> No
             _say(f"warning: {d['source']} changed since the lock file was written (sha256 differs)")
 
 
+def distributed_strategy(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]) -> str:
+    """The recipe's distributed.strategy, read before anything forms a process group (schema only)."""
+    from tunelab.recipe.load import load_recipe
+
+    try:
+        return load_recipe(recipe_path, overrides).recipe.distributed.strategy
+    except UserError:
+        return "none"  # validate() reports it with everything else
+
+
+def one_process_group() -> None:
+    """The environment of a 1-process launch, so that DeepSpeed runs under plain `tunelab train`.
+
+    (DeepSpeed always forms a process group; without a launcher's variables it looks for MPI.)
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def fsdp2_problem() -> Problem | None:
+    """FSDP2 needs GPUs: accelerate 1.x makes a run FSDP only on an accelerator, never on CPU processes (gloo).
+
+    Without CUDA its state is MULTI_CPU (or no group at all), and transformers then stops with
+    "Using fsdp only works in distributed training" after the weights are loaded; said here first.
+    """
+    if _cuda():
+        return None
+    return Problem("distributed.strategy", "fsdp2 runs only on GPUs (accelerate shards with FSDP on accelerators, "
+                   "not on CPU processes)", "on a CPU use zero3 (or zero2), which DeepSpeed runs over gloo")
+
+
+def gathered(model: Any) -> Any:
+    """A context in which a ZeRO-3 model's parameters are whole on every rank (a no-op otherwise)."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                  resume: str | None = None) -> dict[str, Any]:
     """Train a recipe end to end; returns the run summary (also saved as summary.json)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and \
+    strategy = distributed_strategy(recipe_path, overrides)
+    if strategy.startswith("zero") and "WORLD_SIZE" not in os.environ:
+        one_process_group()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and strategy in ("none", "ddp") and \
             os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         # launched with several processes on a machine without CUDA: accelerate only forms a
         # (gloo) process group on CPU when told to, otherwise every rank trains alone. (Under
@@ -70,6 +121,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     for note in notes:
         _say(note)
     recipe = loaded.recipe
+    if recipe.distributed.strategy == "fsdp2" and fsdp2_problem():
+        raise UserError(fsdp2_problem())
     from tunelab.models.load import missing_models
 
     missing = missing_models(recipe)
@@ -148,13 +201,21 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         before = summary.get("eval_before")
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # read by transformers' callback
+    if recipe.distributed.strategy.startswith("zero") and hasattr(module, "trl_config"):
+        from tunelab.methods.common import deepspeed_process_group
+
+        deepspeed_process_group()
     trainer = module.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
     accelerator = trainer.accelerator  # transformers' Trainer and our PPO trainer both have one
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"launched as {launched} processes, but the trainer sees {accelerator.num_processes} "
                            f"({accelerator.distributed_type.value}): each would train alone. Launch with `accelerate "
-                           "launch --multi_gpu` (DDP; gloo without CUDA) or --use_deepspeed, not --cpu")
+                           "launch --multi_gpu` (DDP; gloo without CUDA) or --use_deepspeed, not --cpu; or torchrun with "
+                           "distributed.strategy set in the recipe")
+    from tunelab.launch.watchdog import connectivity_check
+
+    connectivity_check()  # every rank is in the group (a missing one is named) before any step runs
     # said out loud: a launch that meant N processes but formed none trains N separate copies
     summary["processes"] = accelerator.num_processes
     summary["distributed"] = accelerator.distributed_type.value
@@ -178,7 +239,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             _say(f"train {key}: first 10% of logged steps {got['first']:.4f} -> last 10% {got['last']:.4f} "
                  f"({got['logged_steps']} logged steps)")
     if eval_ds is not None:
-        after = module.evaluate(model, eval_ds, recipe, tokenizer)
+        with gathered(model):  # ZeRO-3 leaves every rank a shard; evaluation runs the whole model
+            after = module.evaluate(model, eval_ds, recipe, tokenizer)
         summary["eval_after"] = after
         lines, extra = module.report(before, after, recipe)
         summary.update(extra)

@@ -36,7 +36,7 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
     precision = resolve_precision(t.precision)
     has_eval = bool(recipe.data.eval) or recipe.data.eval_split > 0
     report_to = [r for r in t.report_to if r != "none"]
-    return dict(
+    return dict(**distributed_arguments(recipe),
         output_dir=t.output_dir,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -70,6 +70,46 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
         # several processes without CUDA: gloo, also under DeepSpeed (accelerate otherwise forms no group there)
         ddp_backend="gloo" if not _cuda() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
+
+
+def deepspeed_needs_gloo() -> bool:
+    """DeepSpeed under a launcher (or train.py's one-process group) on a machine without CUDA (tests, CI)."""
+    return int(os.environ.get("LOCAL_RANK", "-1")) != -1 and not _cuda()
+
+
+def deepspeed_process_group() -> None:
+    """Form the DeepSpeed process group over gloo before the Trainer does (CPU only; see distributed_arguments).
+
+    transformers' TrainingArguments, given a DeepSpeed config, asks accelerate for a process group
+    without naming a backend, and accelerate finds none without CUDA: every rank would train alone.
+    """
+    if not deepspeed_needs_gloo():
+        return
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    AcceleratorState._reset_state(reset_partial_state=True)  # validate() built TrainingArguments: a state without a group
+    PartialState(backend="gloo")
+
+
+def distributed_arguments(recipe: "Recipe") -> dict[str, Any]:
+    """TrainingArguments for ``recipe.distributed``: the generated DeepSpeed JSON (zero*) or FSDP2 settings.
+
+    The world size is the launcher's (WORLD_SIZE); DeepSpeed checks train_batch_size against it.
+    """
+    from tunelab.launch.config import deepspeed_config, fsdp_config, zero_stage
+
+    if zero_stage(recipe) is not None:
+        args: dict[str, Any] = {"deepspeed": deepspeed_config(recipe, int(os.environ.get("WORLD_SIZE", "1")))}
+        if deepspeed_needs_gloo():
+            # transformers forms a DeepSpeed group without a backend, i.e. none on a CPU: use the gloo one
+            # that deepspeed_process_group() formed (a no-op on GPUs, where it is NCCL)
+            args["accelerator_config"] = {"use_configured_state": True}
+        return args
+    if recipe.distributed.strategy == "fsdp2":
+        return {"fsdp": True, "fsdp_config": fsdp_config(recipe)}
+    return {}
 
 
 def atomic_checkpoints(trainer_cls: type) -> type:

@@ -181,10 +181,63 @@ class TrainSpec(Strict):
     num_workers: int = Field(0, ge=0)
 
 
-class DistributedSpec(Strict):
-    """How training is spread over processes. This version runs `none` and `ddp`."""
+ZERO_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
-    strategy: Literal["none", "ddp"] = "none"
+
+class FSDPSpec(Strict):
+    """FSDP2 (``fully_shard``) options; the rest is fixed: transformer-block wrapping, a full state dict at save."""
+
+    reshard_after_forward: bool = Field(True, description="free gathered parameters after forward (ZeRO-3-like); "
+                                        "false keeps them until backward (ZeRO-2-like, more memory, less traffic)")
+    cpu_offload: bool = Field(False, description="keep parameters, gradients and optimizer states on the CPU")
+    cpu_ram_efficient_loading: bool = Field(False, description="only rank 0 reads the weights, then broadcasts")
+
+
+class DistributedSpec(Strict):
+    """How training is spread over processes; the DeepSpeed JSON and accelerate config are generated from it.
+
+    The process count comes from the launcher (torchrun, accelerate launch, ``tunelab launch``).
+    ``none`` under several processes trains with DDP, as ``ddp`` does.
+    """
+
+    strategy: Literal["none", "ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2"] = Field(
+        "none", description="none|ddp: data parallel; zero0..zero3: DeepSpeed ZeRO stage; fsdp2: PyTorch FSDP2")
+    offload: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="cpu: optimizer states (ZeRO-2/3) and parameters (ZeRO-3) in CPU memory; "
+        "nvme: both on NVMe (ZeRO-3 only, needs nvme_path)")
+    nvme_path: str | None = Field(None, description="directory on a fast local NVMe drive for offload: nvme")
+    deepspeed_config: str | None = Field(
+        None, description="a DeepSpeed JSON of your own (zero stages only); `auto` values are filled from the recipe "
+        "and values that contradict it are errors")
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="options of strategy: fsdp2")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistributedSpec":
+        problems = []
+        stage = ZERO_STAGES.get(self.strategy)
+        if self.offload == "cpu" and stage not in (2, 3):
+            if self.strategy == "fsdp2":
+                problems.append("distributed.offload: cpu is for ZeRO-2/3; with fsdp2 set distributed.fsdp.cpu_offload: "
+                                "true instead")
+            else:
+                problems.append(f"distributed.offload: cpu needs strategy zero2 or zero3 (got {self.strategy}); "
+                                "set distributed.strategy: zero2 (optimizer offload) or zero3 (+ parameters)")
+        if self.offload == "nvme" and stage != 3:
+            problems.append(f"distributed.offload: nvme needs strategy zero3 (got {self.strategy}); "
+                            "set distributed.strategy: zero3, or offload: cpu with zero2")
+        if self.offload == "nvme" and not self.nvme_path:
+            problems.append("distributed.nvme_path: offload: nvme needs a directory on an NVMe drive; "
+                            "set distributed.nvme_path: /local_nvme")
+        if self.nvme_path and self.offload != "nvme":
+            problems.append("distributed.nvme_path: is only used with offload: nvme; set offload: nvme or remove it")
+        if self.deepspeed_config and stage is None:
+            problems.append(f"distributed.deepspeed_config: a DeepSpeed JSON needs strategy zero0..zero3 "
+                            f"(got {self.strategy}); set distributed.strategy to the JSON's ZeRO stage")
+        if self.strategy != "fsdp2" and self.fsdp != FSDPSpec():
+            problems.append(f"distributed.fsdp: options only for strategy: fsdp2 (got {self.strategy}); remove them")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 MethodSpec = registry_union(METHODS, "name", "method")
@@ -209,6 +262,10 @@ class Recipe(Strict):
             problems.append("set quantization in peft (qlora) or in model, not both")
         if self.model.quantization and self.peft is None:
             problems.append("a quantized model cannot be fully fine-tuned; add a peft block (e.g. method: qlora)")
+        if getattr(self.method, "name", "") == "ppo" and self.distributed.strategy == "zero3":
+            problems.append("distributed.strategy: method ppo runs under zero0..zero2, not zero3 (rollouts generate with "
+                            "the whole policy and score with the reference on every rank); use zero2 (offload: cpu "
+                            "for memory)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -128,9 +128,19 @@ class PPOTrainer:
         self.recipe, self.m, self.t = recipe, recipe.method, recipe.train
         self.tokenizer, self.dataset, self.callbacks = tokenizer, train_ds, callbacks
         precision = resolve_precision(self.t.precision)
-        deepspeed_on_cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
-            not torch.cuda.is_available()
+        plugin = None
+        if recipe.distributed.strategy.startswith("zero"):
+            # the recipe's DeepSpeed JSON (micro batch = one PPO minibatch, no accumulation, clipping):
+            # ZeRO without any accelerate flag, as for the HF/TRL methods
+            from accelerate.utils import DeepSpeedPlugin
+
+            from tunelab.launch.config import deepspeed_config
+
+            plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
+        deepspeed_on_cpu = (plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true") \
+            and not torch.cuda.is_available()
         self.accelerator = Accelerator(
+            deepspeed_plugin=plugin,
             # DeepSpeed on a CPU (tests, CI): accelerate forms the process group only if told gloo
             cpu=not torch.cuda.is_available() and not deepspeed_on_cpu,
             kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else None,
@@ -175,7 +185,8 @@ class PPOTrainer:
                 from tunelab.errors import UserError
 
                 raise UserError("method: ppo runs under DeepSpeed ZeRO-0, 1 and 2, not ZeRO-3: rollouts generate "
-                                "with the whole policy and score with the reference on every rank; use --zero_stage 2")
+                                "with the whole policy and score with the reference on every rank; use distributed.strategy: zero2")
+            # (launched with --use_deepspeed rather than distributed.strategy: the plugin's config has "auto"s)
             # no dataloader to infer these from; clipping is the engine's (all parameters together)
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             config["train_micro_batch_size_per_gpu"] = self.t.batch_size // self.m.num_minibatches
