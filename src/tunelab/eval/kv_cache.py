@@ -21,22 +21,15 @@ from typing import Any
 NEW_TOKENS = 8
 
 
-def original_kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
-    """2 x layers x num_kv_heads x head_dim x bytes: the stock K/V cache per token (MLA or not)."""
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * n_kv * head_dim * dtype_bytes
-
-
 def predicted_kv_bytes(config: Any, dtype_bytes: int) -> dict[str, Any]:
     """The cache bytes per token before (original geometry) and after (MLA, when converted), and the reduction."""
-    before = original_kv_bytes_per_token(config, dtype_bytes)
+    from tunelab.patches.mla import kv_cache_bytes_per_token
+
+    before = kv_cache_bytes_per_token(config, dtype_bytes, original=True)
     mla = getattr(config, "mla", None)
     out: dict[str, Any] = {"original_bytes_per_token": before, "mla": None, "bytes_per_token": before,
                            "reduction": 0.0}
     if mla:
-        from tunelab.patches.mla import kv_cache_bytes_per_token
-
         after = kv_cache_bytes_per_token(config, dtype_bytes)
         out.update(mla={k: mla.get(k) for k in ("kv_lora_rank", "rope_dim", "rope_key", "partial_rope", "svd",
                                                 "latent_norm")},

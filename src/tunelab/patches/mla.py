@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from tunelab.patches.mla_attention import MLAAttention, MLACache
+from tunelab.patches.mla_patch import SUPPORTED_MODEL_TYPES  # torch-free: the recipe schema reads it too
 
 __all__ = [
     "MLAAttention",
@@ -70,7 +71,6 @@ __all__ = [
     "set_absorbed",
 ]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 PARTIAL_ROPE_CHOICES = ("high", "low", "uniform", "2-norm")
 SVD_CHOICES = ("joint", "split")
 ROPE_KEY_CHOICES = ("per-head", "shared")
@@ -528,8 +528,10 @@ def reconstruction_error(original_model: nn.Module, converted_model: nn.Module) 
     return (err2 / norm2) ** 0.5
 
 
-def kv_cache_bytes_per_token(config_or_dims: Any, dtype_bytes: int = 2) -> int:
+def kv_cache_bytes_per_token(config_or_dims: Any, dtype_bytes: int = 2, original: bool = False) -> int:
     """KV-cache bytes per token over all layers, of the original model or of its MLA conversion.
+
+    ``original=True`` gives the full K/V size of the geometry even when it carries an MLA block.
 
     Original: 2·layers·kv_heads·head_dim·bytes. MLA: layers·(kv_lora_rank + kv_heads·rope_dim)·bytes
     with a per-head RoPE key, layers·(kv_lora_rank + rope_dim)·bytes with a shared one.
@@ -552,7 +554,7 @@ def kv_cache_bytes_per_token(config_or_dims: Any, dtype_bytes: int = 2) -> int:
     layers = dims["num_hidden_layers"]
     n_kv = dims.get("num_key_value_heads") or dims["num_attention_heads"]
     head_dim = dims.get("head_dim") or dims["hidden_size"] // dims["num_attention_heads"]
-    if mla:
+    if mla and not original:
         rope_heads = 1 if mla.get("rope_key", "per-head") == "shared" else n_kv
         return layers * (mla["kv_lora_rank"] + rope_heads * mla["rope_dim"]) * dtype_bytes
     return 2 * layers * n_kv * head_dim * dtype_bytes

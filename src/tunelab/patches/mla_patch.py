@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from tunelab.errors import DataError, Problem
 
-# the same as tunelab.patches.mla.SUPPORTED_MODEL_TYPES, which cannot be imported here (torch)
+# the model types MLA conversion handles (tunelab.patches.mla reads them from here: this module has no torch)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 CALIBRATION_FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_completion")
 EAGER_OR_SDPA = ("eager", "sdpa")
