@@ -130,6 +130,12 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         raise UserError(missing)
     run = RunDir(Path(recipe.train.output_dir))
     resume_from = resolve_resume(run, resume)
+    universal, resume_notes = None, []
+    if resume_from is not None and recipe.method.name != "ppo":  # PPO checks its own checkpoints
+        from tunelab.launch.checkpoint import resume_plan
+        from tunelab.launch.config import zero_stage
+
+        universal, resume_notes = resume_plan(resume_from, zero_stage(recipe), int(os.environ.get("WORLD_SIZE", "1")))
 
     from transformers import set_seed
 
@@ -221,6 +227,15 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     summary["distributed"] = accelerator.distributed_type.value
     _say(f"{accelerator.num_processes} process(es), distributed: {accelerator.distributed_type.value}"
          + (f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if summary["distributed"] == "DEEPSPEED" else ""))
+    if universal is not None:
+        from tunelab.launch.checkpoint import load_universal, make_universal
+
+        for note in resume_notes:
+            _say(note)
+        if accelerator.is_main_process:
+            make_universal(universal)
+        accelerator.wait_for_everyone()
+        load_universal(trainer)
     if resume_from is not None:
         _say(f"resuming from {resume_from}")
     elif resume == "auto":

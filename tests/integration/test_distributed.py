@@ -1,14 +1,16 @@
 """The ``distributed:`` block end to end on CPU (gloo): 2 processes under DDP, ZeRO-2 and ZeRO-3, no accelerate flag.
 
 The quickstart SFT and DPO recipes run for 3 steps with 2 processes of micro batch 4, launched by
-plain torchrun (ZeRO-2 SFT also as 2 "nodes" x 1 process on 127.0.0.1), and are compared with one
-process of micro batch 8: the same global batch of the same rows (accelerate hands rank r the r-th
-half of each single-process batch), so the logged losses must agree step for step, and ZeRO-3's
-final/ must hold whole weights equal to the single-process ones. Each run is made once per module.
+plain torchrun (SFT under ZeRO-2 and DPO under DDP as 2 "nodes" x 1 process on 127.0.0.1), and are
+compared with one process of micro batch 8: the same global batch of the same rows (accelerate
+hands rank r the r-th half of each single-process batch), so the logged losses must agree step for
+step, and ZeRO-3's final/ must hold whole weights equal to the single-process ones. Each run is
+made once per module and saves a checkpoint at step 2, from which the resume tests restart.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +33,7 @@ RECIPES = {
     "sft": ["recipes/quickstart/sft.yaml"],
     "dpo": ["recipes/quickstart/dpo.yaml", "--set", "model.path=builtin:tiny-llama"],
 }
-COMMON = [f"train.max_steps={STEPS}", "train.logging_steps=1", "train.save_steps=1000",
+COMMON = [f"train.max_steps={STEPS}", "train.logging_steps=1", "train.save_steps=2",
           "train.eval_before_train=false", "train.report_to=[none]", "data.eval=[]"]
 
 
@@ -41,12 +43,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args(method: str, out: Path, *sets: str) -> list[str]:
+def _args(method: str, out: Path, *sets: str, resume: bool = False) -> list[str]:
     recipe, *extra = RECIPES[method]
     args = ["-m", "tunelab", "train", recipe, *extra]
     for s in (*COMMON, f"train.output_dir={out}", *sets):
         args += ["--set", s]
-    return args
+    return args + (["--resume", "auto"] if resume else [])
 
 
 def _run(cmds: list[list[str]]) -> None:
@@ -59,21 +61,23 @@ def _run(cmds: list[list[str]]) -> None:
         assert p.returncode == 0, out[-4000:]
 
 
-def _launch(method: str, out: Path, strategy: str, nodes: int = 1) -> Path:
+def _launch(method: str, out: Path, strategy: str, nodes: int = 1, resume: bool = False) -> Path:
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     port = _free_port()
     sets = ["train.batch_size=4", f"distributed.strategy={strategy}"]
     if nodes == 1:
-        _run([[*torchrun, "--nproc-per-node", "2", "--master-port", str(port), *_args(method, out, *sets)]])
+        _run([[*torchrun, "--nproc-per-node", "2", "--master-port", str(port),
+               *_args(method, out, *sets, resume=resume)]])
     else:  # 2 nodes x 1 process, static rendezvous on 127.0.0.1
         _run([[*torchrun, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-               "--master-addr", "127.0.0.1", "--master-port", str(port), *_args(method, out, *sets)]
+               "--master-addr", "127.0.0.1", "--master-port", str(port), *_args(method, out, *sets, resume=resume)]
               for rank in range(2)])
     return out
 
 
+# (method, strategy, nodes): every strategy runs on one node for some method, each method as 2 nodes x 1
 RUNS = [("sft", "ddp", 1), ("sft", "zero2", 2), ("sft", "zero3", 1),
-        ("dpo", "ddp", 1), ("dpo", "zero2", 1), ("dpo", "zero3", 1)]
+        ("dpo", "ddp", 2), ("dpo", "zero2", 1), ("dpo", "zero3", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +126,54 @@ def test_zero3_final_holds_whole_weights(runs, method):
     for name, tensor in want.items():
         assert got[name].shape == tensor.shape, name  # not a ZeRO-3 placeholder of shape [0]
         assert (got[name] - tensor).abs().max().item() < WEIGHT_TOL, name
+
+
+def _cut_after_step_2(run: Path, to: Path) -> Path:
+    """A copy of ``run`` as if it had been killed after writing checkpoint-2."""
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("final", "checkpoint-3", "summary.json"))
+    assert (to / "checkpoint-2" / "trainer_state.json").is_file()
+    return to
+
+
+def _same_weights(run: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    got, want = load_file(run / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    assert set(want) <= set(got) <= set(want) | {"lm_head.weight"}  # ZeRO-1/2 also write the tied head out
+    for name, tensor in want.items():
+        assert got[name].shape == tensor.shape and (got[name] - tensor).abs().max().item() < WEIGHT_TOL, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "strategy"), [("sft", "zero3"), ("dpo", "zero2")])
+def test_resume_at_the_same_world_size(runs, tmp_path, method, strategy):
+    """Killed after checkpoint-2, resumed with 2 processes: step 3 and final/ are those of the uncut run."""
+    whole = runs[(method, strategy)]
+    out = _launch(method, _cut_after_step_2(whole, tmp_path / "run"), strategy, resume=True)
+    assert _losses(out) == pytest.approx(_losses(whole), rel=REL_TOL)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][:3] == [1, 2, 3]
+    _same_weights(out, whole)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "strategy"), [("sft", "zero2"), ("dpo", "zero3")])
+def test_resume_at_another_world_size(runs, tmp_path, method, strategy):
+    """A 2-process ZeRO checkpoint resumed by 1 process (micro batch 8: the same global batch).
+
+    DeepSpeed refuses its shards at another world size; tunelab converts the checkpoint to a
+    universal one (whole fp32 weights and Adam moments per parameter) and the single process cuts
+    its own shard from it. Step 3 must then be step 3 of the 2-process run, which the first test
+    showed equals the single-process run: a wrongly cut optimizer state would move it.
+    """
+    whole = runs[(method, strategy)]
+    out = _cut_after_step_2(whole, tmp_path / "run")
+    proc = subprocess.run([sys.executable, *_args(method, out, "train.batch_size=8", f"distributed.strategy={strategy}",
+                                                  resume=True)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "was written by 2 process(es), this run has 1" in proc.stdout, proc.stdout[-3000:]
+    assert (out / "checkpoint-2" / "global_step2_universal").is_dir()
+    assert json.loads((out / "summary.json").read_text())["processes"] == 1
+    assert _losses(out) == pytest.approx(_losses(whole), rel=REL_TOL)
+    _same_weights(out, runs[(method, "single")])

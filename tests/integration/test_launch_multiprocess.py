@@ -115,3 +115,43 @@ def test_unreachable_master_is_an_error_naming_it(tmp_path):
     _, stderr = proc.communicate(timeout=100)
     assert proc.returncode != 0
     assert f"could not reach the master 127.0.0.1:{port}" in stderr.splitlines()[-1], stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hostfile_starts_each_node_over_ssh(tmp_path):
+    """A hostfile of two hosts that are not this machine: each node's torchrun goes through ssh.
+
+    A stand-in ``ssh`` (first on PATH) runs the remote command here in a bare environment, as a
+    login on another node would (only HOME and PATH): the job must carry its own working
+    directory, interpreter path and forwarded variables. The master is 127.0.0.2, an address of
+    this machine that tunelab does not treat as local (a hostfile with remote hosts refuses a
+    loopback master they could not reach).
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "ssh-calls.txt"
+    ssh = bin_dir / "ssh"
+    ssh.write_text("#!/bin/sh\n"
+                   "# stand-in for: ssh -o BatchMode=yes HOST COMMAND\n"
+                   f'printf "%s\\t%s\\n" "$3" "$4" >> {calls}\n'
+                   'exec env -i HOME="$HOME" PATH=/usr/bin:/bin /bin/sh -c "$4"\n')
+    ssh.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes, one process each\nnode-a slots=1\nnode-b slots=1\n")
+    out_dir = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    cmd = [*tunelab_cmd(), "launch", RECIPE, "--hostfile", str(hostfile), "--master-addr", "127.0.0.2",
+           "--master-port", str(_free_port()), "--rdzv-timeout", "120", "--env", "OMP_NUM_THREADS=1",
+           "--set", f"train.output_dir={out_dir}", "--set", "train.eval_before_train=false",
+           "--set", "train.max_steps=3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = calls.read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["node-a", "node-b"]
+    for rank, line in enumerate(lines):
+        remote = line.split("\t")[1]
+        assert remote.startswith(f"cd {REPO} && env ") and "HF_HUB_OFFLINE=1" in remote and "OMP_NUM_THREADS=1" in remote
+        assert f"--node-rank {rank}" in remote and "--master-addr 127.0.0.2" in remote, remote
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert (summary["processes"], summary["distributed"], summary["global_step"]) == (2, "MULTI_CPU", 3)
