@@ -265,4 +265,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         plot_metrics(run)
         run.summary.write_text(json.dumps(summary, indent=2))
     _say(f"done: {run.final}")
+    from tunelab.launch.watchdog import close_process_group
+
+    close_process_group()
     return summary

@@ -151,7 +151,7 @@ def test_hostfile_starts_each_node_over_ssh(tmp_path):
     assert [line.split("\t")[0] for line in lines] == ["node-a", "node-b"]
     for rank, line in enumerate(lines):
         remote = line.split("\t")[1]
-        assert remote.startswith(f"cd {REPO} && env ") and "HF_HUB_OFFLINE=1" in remote and "OMP_NUM_THREADS=1" in remote
+        assert remote.startswith(f"cd {REPO} && exec env ") and "HF_HUB_OFFLINE=1" in remote and "OMP_NUM_THREADS=1" in remote
         assert f"--node-rank {rank}" in remote and "--master-addr 127.0.0.2" in remote, remote
     summary = json.loads((out_dir / "summary.json").read_text())
     assert (summary["processes"], summary["distributed"], summary["global_step"]) == (2, "MULTI_CPU", 3)

@@ -91,7 +91,8 @@ def test_hostfile_commands_per_host():
         assert cmd[:4] == ["ssh", "-o", "BatchMode=yes", host.name]
         remote = shlex.split(cmd[4])
         assert remote[:3] == ["cd", "/shared/run", "&&"] and "NCCL_SOCKET_IFNAME=ib0" in remote
-        torchrun = remote[remote.index("exec") + 1:]
+        assert remote[3:5] == ["exec", "env"]  # `exec` runs `env`, which sets the variables for torchrun
+        torchrun = remote[remote.index("/venv/bin/python"):]
         assert torchrun[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
         assert (_after(torchrun, "--nnodes"), _after(torchrun, "--node-rank"), _after(torchrun, "--master-addr"),
                 _after(torchrun, "--nproc-per-node")) == ("2", str(rank), "node-a", str(host.slots))

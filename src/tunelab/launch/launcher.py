@@ -199,7 +199,7 @@ def hostfile_commands(hosts: list[Host], recipe: str, overrides: list[str], *, m
         forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
         forwarded.update(env or {})
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(forwarded.items()))
-        remote_cmd = f"cd {shlex.quote(cwd)} && {'env ' + exports + ' ' if exports else ''}exec {shlex.join(cmd)}"
+        remote_cmd = f"cd {shlex.quote(cwd)} && exec {'env ' + exports + ' ' if exports else ''}{shlex.join(cmd)}"
         out.append((host, ["ssh", "-o", "BatchMode=yes", host.name, remote_cmd]))
     return out
 
