@@ -40,6 +40,7 @@ def test_reads_stage_and_world_size(tmp_path, stage):
 
 def test_same_world_size_loads_as_written(tmp_path):
     assert resume_plan(_checkpoint(tmp_path, 2, world=2), 2, 2) == (None, [])
+    assert resume_plan(_checkpoint(tmp_path / "z0", 0, world=2), 0, 1) == (None, [])  # ZeRO-0 shards nothing
     assert resume_plan(_checkpoint(tmp_path / "ddp", None), None, 3) == (None, [])  # one whole optimizer.pt
 
 

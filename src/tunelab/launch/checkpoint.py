@@ -92,7 +92,7 @@ def resume_plan(checkpoint: Path, stage: int | None, world_size: int) -> tuple[Z
         raise UserError(Problem("distributed.strategy", f"{checkpoint} was written by ZeRO-{saved.stage}; this run is "
                                 f"ZeRO-{stage}, and DeepSpeed cannot load one stage's optimizer shards into another",
                                 f"resume with --set distributed.strategy=zero{saved.stage}"))
-    if saved.world_size == world_size:
+    if saved.world_size == world_size or stage == 0:  # ZeRO-0 keeps the whole optimizer state: nothing to re-cut
         return None, []
     note = (f"{checkpoint} was written by {saved.world_size} process(es), this run has {world_size}: its ZeRO "
             f"optimizer state is re-cut through a universal checkpoint ({saved.universal.name}/). The global batch "
