@@ -156,24 +156,28 @@ def test_resume_at_the_same_world_size(runs, tmp_path, method, strategy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "strategy"), [("sft", "zero2"), ("dpo", "zero3")])
+@pytest.mark.parametrize(("method", "strategy"), [("sft", "zero2"), ("dpo", "zero3"), ("sft", "ddp")])
 def test_resume_at_another_world_size(runs, tmp_path, method, strategy):
-    """A 2-process ZeRO checkpoint resumed by 1 process (micro batch 8: the same global batch).
+    """A 2-process checkpoint resumed by 1 process (micro batch 8: the same global batch).
 
-    DeepSpeed refuses its shards at another world size; tunelab converts the checkpoint to a
+    DeepSpeed refuses its ZeRO shards at another world size; tunelab converts the checkpoint to a
     universal one (whole fp32 weights and Adam moments per parameter) and the single process cuts
     its own shard from it. Step 3 must then be step 3 of the 2-process run, which the first test
-    showed equals the single-process run: a wrongly cut optimizer state would move it.
+    showed equals the single-process run: a wrongly cut optimizer state would move it. (A DDP
+    checkpoint holds the whole optimizer state; it resumes as strategy none.)
     """
     whole = runs[(method, strategy)]
     out = _cut_after_step_2(whole, tmp_path / "run")
-    proc = subprocess.run([sys.executable, *_args(method, out, "train.batch_size=8", f"distributed.strategy={strategy}",
+    single = "none" if strategy == "ddp" else strategy
+    proc = subprocess.run([sys.executable, *_args(method, out, "train.batch_size=8", f"distributed.strategy={single}",
                                                   resume=True)],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "was written by 2 process(es), this run has 1" in proc.stdout, proc.stdout[-3000:]
-    assert (out / "checkpoint-2" / "global_step2_universal").is_dir()
+    assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
+    converted = (out / "checkpoint-2" / "global_step2_universal").is_dir()
+    assert converted == (strategy != "ddp")
+    assert ("was written by 2 process(es), this run has 1" in proc.stdout) == converted, proc.stdout[-3000:]
     assert json.loads((out / "summary.json").read_text())["processes"] == 1
     assert _losses(out) == pytest.approx(_losses(whole), rel=REL_TOL)
     _same_weights(out, runs[(method, "single")])

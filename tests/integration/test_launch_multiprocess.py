@@ -147,10 +147,10 @@ def test_hostfile_starts_each_node_over_ssh(tmp_path):
            "--set", "train.max_steps=3"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = calls.read_text().splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["node-a", "node-b"]
-    for rank, line in enumerate(lines):
-        remote = line.split("\t")[1]
+    calls_by_host = dict(line.split("\t", 1) for line in calls.read_text().splitlines())  # both start at once
+    assert sorted(calls_by_host) == ["node-a", "node-b"]
+    for rank, host in enumerate(["node-a", "node-b"]):  # node ranks follow the hostfile's order
+        remote = calls_by_host[host]
         assert remote.startswith(f"cd {REPO} && exec env ") and "HF_HUB_OFFLINE=1" in remote and "OMP_NUM_THREADS=1" in remote
         assert f"--node-rank {rank}" in remote and "--master-addr 127.0.0.2" in remote, remote
     summary = json.loads((out_dir / "summary.json").read_text())
