@@ -121,8 +121,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     for note in notes:
         _say(note)
     recipe = loaded.recipe
-    if recipe.distributed.strategy == "fsdp2" and fsdp2_problem():
-        raise UserError(fsdp2_problem())
+    if recipe.distributed.strategy == "fsdp2" and (problem := fsdp2_problem()):
+        raise UserError(problem)
     from tunelab.models.load import missing_models
 
     missing = missing_models(recipe)

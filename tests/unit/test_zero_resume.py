@@ -79,3 +79,19 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path):
         make_universal(saved)
     assert "could not convert" in str(err.value) and "resume with 2 process(es)" in str(err.value)
     assert sorted(p.name for p in saved.path.iterdir()) == ["global_step2", "latest", "trainer_state.json"]
+
+
+@pytest.mark.parametrize(("stage", "like", "want"), [(2, 1, 1), (2, 3, 2), (3, 2, 3)])
+def test_unsafe_model_states_are_not_unpickled(tmp_path, stage, like, want):
+    """A model-states file holding an object outside torch's safe loader is not run: the shard names answer."""
+    import pathlib
+
+    ckpt = _checkpoint(tmp_path, stage, world=3)
+    folder = ckpt / "global_step2"
+    name = "mp_rank_00_model_states.pt" if stage < 3 else "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    torch.save({"ds_config": {"zero_optimization": {"stage": 9}}, "dp_world_size": 9, "odd": pathlib.PurePath("x")},
+               folder / name)
+    for rank in range(3):
+        (folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    got = read_zero_checkpoint(ckpt, like)
+    assert (got.stage, got.world_size) == (want, 3)  # not the 9s inside the refused file

@@ -42,11 +42,12 @@ class ZeroCheckpoint:
         return self.path / f"{self.tag}{UNIVERSAL_SUFFIX}"
 
 
-def read_zero_checkpoint(checkpoint: Path) -> ZeroCheckpoint | None:
+def read_zero_checkpoint(checkpoint: Path, like_stage: int | None = None) -> ZeroCheckpoint | None:
     """The ZeRO stage and world size of ``checkpoint`` (None when DeepSpeed did not write it).
 
     Read from the engine's model-states file (its ``ds_config`` and ``dp_world_size``), memory-mapped:
-    the weights it may hold are not read.
+    the weights it may hold are not read. ``like_stage`` (this run's stage) only settles ZeRO-1 vs
+    ZeRO-2 when the file must be read from its shard names instead (see ``_from_file_names``).
     """
     latest = checkpoint / "latest"
     if not latest.is_file():
@@ -57,15 +58,33 @@ def read_zero_checkpoint(checkpoint: Path) -> ZeroCheckpoint | None:
     if not states:
         raise UserError(Problem("--resume", f"{folder} has no DeepSpeed model-states file (the checkpoint is incomplete)",
                                 "resume from an earlier checkpoint-N"))
+    import pickle
+
     import torch
 
-    meta = torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
+    try:  # tensors, sizes and plain containers only: nothing in the file runs code
+        meta = torch.load(states[0], map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        return _from_file_names(checkpoint, tag, like_stage)
     stage = int(meta["ds_config"].get("zero_optimization", {}).get("stage", 0))
     return ZeroCheckpoint(path=checkpoint, tag=tag, stage=stage, world_size=int(meta["dp_world_size"]))
 
 
-def _strategy_name(stage: int | None) -> str:
-    return "ddp or none" if stage is None else f"zero{stage}"
+def _from_file_names(checkpoint: Path, tag: str, like_stage: int | None) -> ZeroCheckpoint:
+    """Stage and world size from the shard files, for a model-states file the safe loader refuses.
+
+    One optimizer shard per process (none under ZeRO-0); ZeRO-3 also shards the model states.
+    ZeRO-1 and ZeRO-2 write the same files: taken as the stage this run asks for when it is one of them.
+    """
+    folder = checkpoint / tag
+    world = len(list(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if list(folder.glob("*zero_pp_rank_0_mp_rank_00_model_states.pt")):
+        stage = 3
+    elif world:
+        stage = like_stage if like_stage in (1, 2) else 2
+    else:
+        stage, world = 0, 1  # ZeRO-0 resumes at any world size
+    return ZeroCheckpoint(path=checkpoint, tag=tag, stage=stage, world_size=world)
 
 
 def resume_plan(checkpoint: Path, stage: int | None, world_size: int) -> tuple[ZeroCheckpoint | None, list[str]]:
@@ -75,7 +94,7 @@ def resume_plan(checkpoint: Path, stage: int | None, world_size: int) -> tuple[Z
     checkpoint (the world size changed), else None, and notes to print. Raises UserError for what
     cannot be resumed, before any weights load.
     """
-    saved = read_zero_checkpoint(checkpoint)
+    saved = read_zero_checkpoint(checkpoint, stage)
     if saved is None and stage is None:
         return None, []
     if saved is None:
@@ -85,7 +104,7 @@ def resume_plan(checkpoint: Path, stage: int | None, world_size: int) -> tuple[Z
                                 f"--set model.path={checkpoint}"))
     if stage is None:
         raise UserError(Problem("distributed.strategy", f"{checkpoint} was written by DeepSpeed ZeRO-{saved.stage} "
-                                f"({saved.world_size} process(es)); this run is {_strategy_name(stage)}, which would "
+                                f"({saved.world_size} process(es)); this run is ddp or none, which would "
                                 "start with a fresh optimizer", f"resume with --set distributed.strategy=zero{saved.stage} "
                                 "(any number of processes)"))
     if saved.stage != stage:
