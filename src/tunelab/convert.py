@@ -65,7 +65,9 @@ def _model_config(model: str) -> Any:
     """The config of MODEL without its weights (built-in, local dir, or hub id), or a UserError."""
     from tunelab.models.builtin import BUILTIN_MODELS, builtin_config
 
-    if model.startswith("builtin:"):
+    from tunelab.models.gguf import REAL_BUILTINS
+
+    if model.startswith("builtin:") and model[len("builtin:") :] not in REAL_BUILTINS:
         name = model[len("builtin:") :]
         if name not in BUILTIN_MODELS:
             raise UserError(Problem("MODEL", f"unknown built-in model {model!r}",
@@ -73,8 +75,11 @@ def _model_config(model: str) -> Any:
         return builtin_config(name)
     from transformers import AutoConfig
 
+    from tunelab.models.gguf import pretrained_kwargs
+
     try:
-        return AutoConfig.from_pretrained(model)
+        where, extra = pretrained_kwargs(model, "MODEL")
+        return AutoConfig.from_pretrained(where, **extra)
     except (OSError, ValueError) as exc:
         raise UserError(Problem("MODEL", f"cannot read the config of {model!r}: {exc}"[:500],
                                 "a local model directory, a run's final/, a hub id (offline: in the local "
@@ -85,12 +90,17 @@ def _tokenizer(model: str, required: bool) -> Any:
     """The model's tokenizer; None when it has none and nothing needs one (it is then not saved)."""
     from tunelab.models.builtin import builtin_tokenizer
 
-    if model.startswith("builtin:"):
+    from tunelab.models.load import is_tiny_builtin
+
+    if is_tiny_builtin(model):
         return builtin_tokenizer()
     from transformers import AutoTokenizer
 
+    from tunelab.models.gguf import pretrained_kwargs
+
     try:
-        tok = AutoTokenizer.from_pretrained(model)
+        where, extra = pretrained_kwargs(model, "MODEL")
+        tok = AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError, TypeError) as exc:
         if required:
             raise UserError(Problem("MODEL", f"cannot load the tokenizer of {model!r}: {exc}"[:400],
@@ -108,9 +118,14 @@ def _load_model(model: str, device: str) -> Any:
 
     from tunelab.models.builtin import builtin_model
 
-    if model.startswith("builtin:"):
+    from tunelab.models.gguf import is_gguf_path
+    from tunelab.models.load import is_tiny_builtin, load_gguf_model
+
+    if is_tiny_builtin(model):
         m = builtin_model(model[len("builtin:") :], attn_implementation="sdpa")
         m.config.name_or_path = model
+    elif is_gguf_path(model):
+        m = load_gguf_model(model, AutoModelForCausalLM, None, "sdpa", key="MODEL")
     else:
         try:
             m = AutoModelForCausalLM.from_pretrained(model, dtype="auto", attn_implementation="sdpa",

@@ -26,14 +26,45 @@ def inference_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     from tunelab.models.builtin import builtin_tokenizer
+    from tunelab.models.gguf import is_gguf_path
+    from tunelab.models.load import ensure_pad_token, pretrained_tokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tok = builtin_tokenizer()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
+
+    if is_gguf_path(path):
+        tok = pretrained_tokenizer(path, key="MODEL")
+    else:
+        try:
+            tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
+        except (OSError, ValueError):
+            tok = builtin_tokenizer()
+    try:  # a model tunelab saved carries its registry template: recognise it (its end-of-turn token)
+        apply_choice(tok, choose_template(None, tok))
+    except TemplateMismatch:
+        pass
     return tok
+
+
+def load_base(path: str, head: str = "causal") -> Any:
+    """A base model named by a path an adapter records: built-in, GGUF file, MLA directory or HF directory/hub id."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tunelab.models.builtin import builtin_model
+    from tunelab.models.gguf import is_gguf_path
+    from tunelab.models.load import is_tiny_builtin, load_gguf_model, load_mla_checkpoint, mla_checkpoint
+
+    auto: Any = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+    if is_tiny_builtin(path):
+        return builtin_model(path[len("builtin:") :], head=head)
+    if is_gguf_path(path):
+        return load_gguf_model(path, auto, None, head=head, key="MODEL")
+    if head == "causal" and mla_checkpoint(path):
+        return load_mla_checkpoint(path)
+    kwargs: dict[str, Any] = {"num_labels": 1} if head == "score" else {}
+    try:
+        return auto.from_pretrained(path, use_safetensors=True, **kwargs)
+    except OSError as exc:
+        raise UserError(Problem("MODEL", f"cannot load {path!r}: {exc}"[:400])) from None
 
 
 def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
@@ -46,26 +77,26 @@ def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
     from tunelab.models.builtin import builtin_model, builtin_tokenizer
     from tunelab.models.load import load_mla_checkpoint, mla_checkpoint
 
+    from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path
+
     if path.startswith("builtin:"):
         from tunelab.models.builtin import BUILTIN_MODELS
 
         name = path[len("builtin:") :]
-        if name not in BUILTIN_MODELS:
-            raise UserError(Problem("MODEL", f"unknown built-in model {path!r}", "known: " + ", ".join(BUILTIN_MODELS)))
-        return builtin_model(name), builtin_tokenizer()
+        if name not in BUILTIN_MODELS and name not in REAL_BUILTINS:
+            known = ", ".join(f"builtin:{k}" for k in {**BUILTIN_MODELS, **REAL_BUILTINS})
+            raise UserError(Problem("MODEL", f"unknown built-in model {path!r}", "known: " + known))
+        if name in BUILTIN_MODELS:
+            return builtin_model(name), builtin_tokenizer()
+    if is_gguf_path(path):
+        return load_base(path), inference_tokenizer(path)
     path = resolve_model_dir(path)
     p = Path(path)
     if (p / "adapter_config.json").is_file():
         from peft import PeftModel
 
         cfg = json.loads((p / "adapter_config.json").read_text())
-        base_path = cfg.get("base_model_name_or_path") or ""
-        if base_path.startswith("builtin:"):
-            base = builtin_model(base_path[len("builtin:") :])
-        elif mla_checkpoint(base_path):
-            base = load_mla_checkpoint(base_path)
-        else:
-            base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True)
+        base = load_base(cfg.get("base_model_name_or_path") or "")
         model = PeftModel.from_pretrained(base, path)
         if merge:
             model = model.merge_and_unload()
@@ -177,7 +208,10 @@ def default_eval_dir(model_path: str, task: str) -> Path:
 def _tokenizer_only(model_path: str) -> Any:
     """The tokenizer ``load_for_inference`` would return, without loading any weights (for checks up front)."""
     from tunelab.models.builtin import BUILTIN_MODELS, builtin_tokenizer
+    from tunelab.models.gguf import is_gguf_path
 
+    if is_gguf_path(model_path):
+        return inference_tokenizer(model_path)
     if model_path.startswith("builtin:"):
         name = model_path[len("builtin:") :]
         if name not in BUILTIN_MODELS:
@@ -293,8 +327,7 @@ def load_reward_model(path: str) -> tuple[Any, Any]:
         cfg = json.loads((p / "adapter_config.json").read_text())
         if cfg.get("task_type") != "SEQ_CLS":
             raise UserError(Problem("MODEL", f"{path} is a {cfg.get('task_type')} adapter, not a reward model"))
-        base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"], num_labels=1,
-                                                                  use_safetensors=True)
+        base = load_base(cfg["base_model_name_or_path"], head="score")
         model = PeftModel.from_pretrained(base, path)
     elif (p / "config.json").is_file():
         cfg = json.loads((p / "config.json").read_text())
@@ -355,7 +388,10 @@ def run_merge(source: str, output: Path) -> Path:
     model, tok = load_for_inference(path, merge=True)
     if output.exists() and any(output.iterdir()):
         raise UserError(Problem("--output", f"{output} exists and is not empty"))
+    from tunelab.models.load import set_stop_tokens
+
+    stops = set_stop_tokens(model, tok)
     model.save_pretrained(output)
     tok.save_pretrained(output)
-    _say(f"merged {source} -> {output}")
+    _say(f"merged {source} -> {output} (stops at token ids {stops})")
     return output

@@ -41,13 +41,19 @@ def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
     return path
 
 
-def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]]) -> None:
-    """When re-running a lock file, say if the data changed since it was written."""
+def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]],
+                    chat_template: dict[str, Any] | None = None) -> None:
+    """When re-running a lock file, say if the data or the chat template changed since it was written."""
     from tunelab.recipe.lock import read_lock_provenance
 
     prov = read_lock_provenance(recipe_path)
     if not prov:
         return
+    before_t = prov.get("chat_template") or {}
+    if chat_template and before_t.get("sha256") and before_t.get("sha256") != chat_template.get("sha256"):
+        _say(f"warning: the chat template differs from the lock file's ({before_t.get('name')} sha256 "
+             f"{before_t.get('sha256')} then, {chat_template.get('name')} sha256 {chat_template.get('sha256')} now): "
+             "the same data renders to other tokens")
     old = {(d.get("split"), d.get("source")): d.get("sha256") for d in prov.get("data", [])}
     for d in fingerprints:
         before = old.get((d.get("split"), d.get("source")))
@@ -149,20 +155,26 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     set_seed(recipe.train.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.model)
+    from tunelab.data.templates import choice_of
+
+    template = choice_of(tokenizer)  # said by validate()
     train_ds, eval_ds, report = build_datasets(recipe, tokenizer)
     for line in report.lines():
         _say(line)
     run.data_report.write_text(json.dumps(report.to_dict(), indent=2))
     fingerprints = data_fingerprints(recipe)
-    check_lock_data(loaded.path, fingerprints)
-    write_lock(run.lock, loaded, fingerprints)
+    template_record = template.lock_record() if template.text else None
+    check_lock_data(loaded.path, fingerprints, template_record)
+    write_lock(run.lock, loaded, fingerprints, template_record)
 
     module = method_module(recipe.method)
     head = getattr(module, "MODEL_HEAD", "causal")
     model = load_model(recipe.model, quantization_of(recipe), full_finetune=recipe.peft is None, head=head)
     if head == "score":  # the reward head reads the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
-    if recipe.model.path.startswith("builtin:"):
+    from tunelab.models.load import is_tiny_builtin
+
+    if is_tiny_builtin(recipe.model.path):
         model.config.name_or_path = recipe.model.path
     if recipe.patches:
         from tunelab.patches import apply_patches
@@ -170,7 +182,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         for record in apply_patches(model, recipe, tokenizer):
             _say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
     if recipe.peft is not None:
-        if recipe.model.path.startswith("builtin:"):
+        if is_tiny_builtin(recipe.model.path):
             # plain peft must find the base weights: keep the (seeded, random) base beside the run
             # (unquantized, so that `tunelab merge` folds the adapter into full-precision weights)
             base_dir = (run.root / "base").resolve()
@@ -242,9 +254,17 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         _say("no complete checkpoint to resume from: starting fresh")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
+    from tunelab.models.load import set_stop_tokens
+
+    stops = set_stop_tokens(trainer.model, tokenizer)  # a PeftModel passes generation_config through to its base
     trainer.save_model(str(run.final))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run.final))
+        gen = getattr(trainer.model, "generation_config", None)
+        if gen is not None and not (run.final / "generation_config.json").is_file():
+            gen.save_pretrained(str(run.final))  # an adapter dir too: the stop tokens travel with the result
+        if stops:
+            _say(f"final/ stops generating at token ids {stops} ({', '.join(tokenizer.convert_ids_to_tokens(stops))})")
     summary["global_step"] = trainer.state.global_step
     metrics = run.read_metrics()
     for key, name in (("loss", "train_loss"), ("reward", "train_reward")):

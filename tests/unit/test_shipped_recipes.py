@@ -25,7 +25,8 @@ def test_recipe_validates(path):
     loaded, notes = validate(path)
     assert loaded.recipe.method.name
     for note in notes:  # hub datasets unchecked offline, and a chain's input run not trained yet
-        assert "not checked (offline)" in note or "it is a run's output" in note, note
+        assert ("not checked (offline)" in note or "it is a run's output" in note or note.startswith("chat template ")
+                or "both are stop tokens" in note), note
 
 
 @pytest.mark.parametrize("base", BASES, ids=lambda p: str(p.relative_to(REPO / "recipes")))

@@ -1,7 +1,9 @@
 """Row formats -> canonical rows.
 
 Canonical SFT rows are one of:
-  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}, ...], "tools"?: [...]}
+  (an assistant message may carry ``reasoning_content`` and ``tool_calls``; a row may carry the
+  function schemas its tool calls use, in ``tools``)
   {"prompt": str, "completion": str}      (plain text, no chat template)
   {"text": str}                            (language modelling, loss on every token)
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_FIELDS = {"messages": "conversations", "role": "from", "content": "value"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant", "bot": "assistant"}
@@ -62,7 +64,30 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
-def _messages(value: Any, src: Any, fmt: str) -> list[dict[str, str]]:
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    """A message's ``tool_calls``: [{type: function, function: {name, arguments}}] (the OpenAI / HF shape)."""
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"message {i} tool_calls must be a non-empty list of {{type, function: {{name, arguments}}}}")
+    out = []
+    for k, call in enumerate(value):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRow(f"message {i} tool_calls[{k}] has no function name")
+        args = fn.get("arguments", {})
+        if not isinstance(args, (dict, str)):
+            raise BadRow(f"message {i} tool_calls[{k}] arguments must be an object or a JSON string")
+        out.append({**{k2: v for k2, v in call.items() if k2 != "function"}, "type": call.get("type", "function"),
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _messages(value: Any, src: Any, fmt: str) -> list[dict[str, Any]]:
+    """Messages as the chat templates read them: role, content, and only the optional keys a message has.
+
+    Optional keys: ``reasoning_content`` (also read from ``reasoning`` / ``thinking``), ``tool_calls``
+    (assistant), ``name`` / ``tool_call_id`` (tool results). A key is never added when absent: some
+    templates test ``'tool_calls' in message``.
+    """
     fm = {**(SHAREGPT_FIELDS if fmt == "sharegpt" else {}), **src.field_map}
     role_map = {**(SHAREGPT_ROLES if fmt == "sharegpt" else {}), **src.role_map}
     role_key, content_key = fm.get("role", "role"), fm.get("content", "content")
@@ -74,29 +99,58 @@ def _messages(value: Any, src: Any, fmt: str) -> list[dict[str, str]]:
             raise BadRow(f"message {i} is not a mapping")
         if role_key not in msg:
             raise BadRow(f"message {i} has no {role_key!r}")
-        if content_key not in msg:
-            raise BadRow(f"message {i} has no {content_key!r}")
         role = role_map.get(msg[role_key], msg[role_key])
         if role not in ROLES:
             known = sorted(set(ROLES) | set(role_map))
-            raise BadRow(f"message {i} has unknown role {msg[role_key]!r} (known: {', '.join(known)}; "
+            raise BadRow(f"message {i} has unknown role {msg[role_key]!r} (known: {', '.join(map(str, known))}; "
                          "map others with role_map)")
-        content = msg[content_key]
+        calls = msg.get("tool_calls")
+        if content_key not in msg and not (role == "assistant" and calls):
+            raise BadRow(f"message {i} has no {content_key!r}")
+        content = msg.get(content_key)
+        if content is None and role == "assistant" and calls:
+            content = ""
         if not isinstance(content, str):
             raise BadRow(f"message {i} content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        m: dict[str, Any] = {"role": role, "content": content}
+        for alias in ("reasoning_content", "reasoning", "thinking"):
+            if msg.get(alias) is not None:
+                if role != "assistant" or not isinstance(msg[alias], str):
+                    raise BadRow(f"message {i} {alias} must be a string on an assistant message")
+                m["reasoning_content"] = msg[alias]
+                break
+        if calls is not None:
+            if role != "assistant":
+                raise BadRow(f"message {i} has tool_calls but is a {role} message (only assistant messages call tools)")
+            m["tool_calls"] = _tool_calls(calls, i)
+        for extra in ("name", "tool_call_id"):
+            if role == "tool" and isinstance(msg.get(extra), str):
+                m[extra] = msg[extra]
+        out.append(m)
     return out
 
 
-def _check_conversation(messages: list[dict[str, str]]) -> None:
+def _check_conversation(messages: list[dict[str, Any]]) -> None:
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
         raise BadRow("conversation has no assistant message")
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise BadRow(f"message {i} (assistant) is empty")
         if m["role"] == "system" and i != 0:
             raise BadRow(f"message {i}: a system message must come first")
+        if m["role"] == "tool" and (i == 0 or messages[i - 1]["role"] not in ("assistant", "tool")):
+            raise BadRow(f"message {i}: a tool result must follow an assistant tool call")
+
+
+def _tools(row: dict[str, Any], fm: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The row's ``tools`` column (function schemas handed to the chat template), if it has one."""
+    tools = row.get(fm.get("tools", "tools"))
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRow("tools must be a list of function schemas ({type: function, function: {name, ...}})")
+    return tools
 
 
 def to_canonical(row: Any, src: Any) -> dict[str, Any]:
@@ -113,7 +167,8 @@ def to_canonical(row: Any, src: Any) -> dict[str, Any]:
         if src.system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": src.system})
         _check_conversation(messages)
-        return {"messages": messages}
+        tools = _tools(row, fm)
+        return {"messages": messages, **({"tools": tools} if tools else {})}
     if fmt == "alpaca":
         instruction = _text(_field(row, "instruction", fm), "instruction")
         extra = _field(row, "input", fm, required=False)

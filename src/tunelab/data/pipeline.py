@@ -19,7 +19,7 @@ from typing import Any
 
 from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
 from tunelab.data.sources import fingerprint, iter_rows, resolve_source
-from tunelab.data.tokenize import IGNORE, encode_pair, encode_prompt, encode_row
+from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 from tunelab.errors import DataError, Problem
 
 
@@ -148,7 +148,10 @@ def encode_source(src: Any, key: str, tokenizer: Any, data_spec: Any) -> tuple[l
             if len(report.bad_examples) < 5:
                 report.bad_examples.append(f"{where}: {exc}")
             continue
-        example = encode(canonical, where, tokenizer, data_spec, report)
+        try:
+            example = encode(canonical, where, tokenizer, data_spec, report)
+        except TemplateMismatch as exc:  # never trained with a guessed mask, and not skippable: the template is wrong
+            raise DataError(Problem(f"model.chat_template: {where}", str(exc))) from None
         if example is None:
             continue
         has_margin.add("margin" in example)

@@ -1,51 +1,40 @@
 """Canonical rows -> ``input_ids`` and ``labels`` (-100 where no loss is taken).
 
-Conversations go through the tokenizer's chat template. When the template marks assistant
-turns with ``{% generation %}`` the tokenizer returns the mask directly; otherwise each
-assistant turn's tokens are found by rendering the conversation up to that turn with and
-without it (the prefix difference), which works for any template that renders turns in order.
+Conversations go through the chat template the run trains with (``tunelab.data.templates``):
+the mask is exactly the assistant turns of the rendering of the whole conversation, found from
+``{% generation %}`` markers or by a prefix difference that is checked on every row. A row whose
+mask cannot be found exactly raises ``TemplateMismatch``; it is never trained with a guess.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from tunelab.data.templates import TemplateMismatch, choice_of, has_generation_markers, render_with_mask
+
 IGNORE = -100
+__all__ = ["IGNORE", "TemplateMismatch", "encode_messages", "encode_pair", "encode_prompt", "encode_row",
+           "has_generation_markers"]
 
 
-def has_generation_markers(template: str | None) -> bool:
-    return bool(template) and "{% generation %}" in template.replace("{%- generation %}", "{% generation %}")
-
-
-def _render_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=True)
+def _render_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                tools: Any = None) -> list[int]:
+    kwargs = choice_of(tokenizer).kwargs
+    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=True, **kwargs)
     return list(out["input_ids"])
 
 
-def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and a 0/1 mask of its assistant tokens (content and end-of-turn)."""
-    if has_generation_markers(getattr(tokenizer, "chat_template", None)):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        return list(out["input_ids"]), list(out["assistant_masks"])
-    ids = _render_ids(tokenizer, messages)
-    mask = [0] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_render_ids(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_render_ids(tokenizer, messages[: i + 1]))
-        for j in range(start, min(end, len(ids))):
-            mask[j] = 1
-    return ids, mask
+    return render_with_mask(tokenizer, messages, tools)
 
 
 def encode_row(tokenizer: Any, row: dict[str, Any], train_on_prompt: bool) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one canonical row."""
     eos = tokenizer.eos_token_id
     if "messages" in row:
-        ids, mask = encode_messages(tokenizer, row["messages"])
+        ids, mask = encode_messages(tokenizer, row["messages"], row.get("tools"))
     elif "prompt" in row:
         p = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
         c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [eos]

@@ -1,4 +1,7 @@
-"""Load a model and tokenizer from a hub id, a local directory or ``builtin:tiny-*``.
+"""Load a model and tokenizer from a hub id, a local directory, a GGUF file or ``builtin:*``.
+
+``builtin:tiny-*`` are random-init configs built here; ``builtin:smollm2-135m-instruct`` and any
+``*.gguf`` path are GGUF files that transformers dequantizes (``tunelab.models.gguf``).
 
 ``trust_remote_code`` only ever comes from the recipe; weights load from safetensors only. A
 local directory saved after MLA conversion (its config.json has an ``mla`` block) loads through
@@ -16,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import Problem, UserError
-from tunelab.models.builtin import builtin_model, builtin_tokenizer
+from tunelab.models.builtin import BUILTIN_MODELS, builtin_model, builtin_tokenizer
+from tunelab.models.gguf import gguf_error, is_gguf_path, pretrained_kwargs
+
+
+def is_tiny_builtin(path: str) -> bool:
+    """``builtin:tiny-*``: a random-init model built from a config here (no file behind it)."""
+    return path.startswith("builtin:") and path[len("builtin:"):] in BUILTIN_MODELS
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -38,6 +47,8 @@ def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
     """A path that can only be a local directory (not ``org/name``) and does not exist."""
     if path.startswith("builtin:"):
         return None
+    if is_gguf_path(path) and not Path(path).expanduser().is_file():
+        return Problem(key, f"{path} does not exist", "check the path to the .gguf file")
     local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
     p = Path(path).expanduser()
     if not local or p.exists():
@@ -62,7 +73,7 @@ def missing_models(recipe: Any) -> list[Problem]:
 def mla_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a local model directory converted to MLA (an ``mla`` block in its config.json)."""
     config = Path(str(path)).expanduser() / "config.json"
-    if str(path).startswith("builtin:") or not config.is_file():
+    if str(path).startswith("builtin:") or is_gguf_path(str(path)) or not config.is_file():
         return False
     try:
         return bool(json.loads(config.read_text(encoding="utf-8")).get("mla"))
@@ -122,16 +133,17 @@ def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation
 
 def load_config(spec: Any) -> Any | None:
     """The model's config without its weights (builtin, local dir, or a hub id in the local cache); None if unknown."""
-    if spec.path.startswith("builtin:"):
-        from tunelab.models.builtin import BUILTIN_MODELS, builtin_config
+    if is_tiny_builtin(spec.path):
+        from tunelab.models.builtin import builtin_config
 
-        name = spec.path[len("builtin:") :]
-        return builtin_config(name) if name in BUILTIN_MODELS else None
+        return builtin_config(spec.path[len("builtin:") :])
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError):
+        path, extra = pretrained_kwargs(spec.path)
+        return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                          **extra)
+    except (OSError, ValueError, UserError):
         return None  # not trained yet (a chain), or a hub id offline: noted elsewhere
 
 
@@ -147,18 +159,56 @@ def resolve_dtype(spec: Any, full_finetune: bool) -> Any:
 
 
 def load_tokenizer(spec: Any) -> Any:
-    """The tokenizer, with a pad token (the eos token if the model has none)."""
-    if spec.path.startswith("builtin:"):
-        return builtin_tokenizer()
+    """The tokenizer, with a pad token (see ``ensure_pad_token``) and the run's chat template applied.
+
+    The template is ``model.chat_template`` resolved by ``tunelab.data.templates.choose_template``;
+    the tokenizer then renders (and is saved) with it.
+    """
+    from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
+
+    tok = builtin_tokenizer() if is_tiny_builtin(spec.path) else pretrained_tokenizer(spec.path, spec.revision,
+                                                                                        spec.trust_remote_code)
+    try:
+        apply_choice(tok, choose_template(spec, tok))
+    except TemplateMismatch:
+        pass  # no template at all: only an error if a conversation needs one (said per row, and at validate)
+    return tok
+
+
+def pretrained_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                         key: str = "model.path") -> Any:
+    """The tokenizer of a hub id, a directory or a GGUF file (its vocabulary and chat template come from the file)."""
     from transformers import AutoTokenizer
 
+    if is_gguf_path(path):
+        gguf_error(path, key)
+    where, extra = pretrained_kwargs(path, key)
     try:
-        tok = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    except OSError as exc:
-        raise UserError(Problem("model.path", f"cannot load tokenizer from {spec.path!r}: {exc}"[:500],
-                                "check the hub id or directory (offline machines need a local copy)")) from None
+        tok = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        raise UserError(Problem(key, f"cannot load tokenizer from {path!r}: {exc}"[:500],
+                                "check the hub id, directory or file (offline machines need a local copy)")) from None
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tok: Any) -> Any:
+    """Give the tokenizer a pad token that is not its end-of-turn/eos token when it has a spare one.
+
+    Many chat models ship ``pad = eos`` (SmolLM2: ``<|im_end|>``). Labels are built by tunelab and
+    padded with -100, so the loss is right either way; but a reward model finds a row's last token
+    as "the last non-pad token", and generation stops at eos, so a distinct pad is safer. Only an
+    existing token is used (the vocabulary is never resized).
+    """
+    eos = tok.eos_token
+    if tok.pad_token is not None and tok.pad_token != eos:
+        return tok
+    vocab = tok.get_vocab()
+    for candidate in ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]"):
+        if candidate in vocab and candidate != eos:
+            tok.pad_token = candidate
+            return tok
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = eos
     return tok
 
 
@@ -189,7 +239,7 @@ def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, 
 
     dtype = resolve_dtype(spec, full_finetune)
     auto: Any = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
-    if spec.path.startswith("builtin:"):
+    if is_tiny_builtin(spec.path):
         name = spec.path[len("builtin:") :]
         model = builtin_model(name, dtype=dtype, attn_implementation=spec.attn_implementation, head=head)
         if quantization is None:
@@ -200,6 +250,8 @@ def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, 
         path, revision, remote = str(tmp), None, False
     else:
         path, revision, remote = spec.path, spec.revision, spec.trust_remote_code
+    if is_gguf_path(path):
+        return load_gguf_model(path, auto, dtype, spec.attn_implementation, quantization, head)
     if mla_checkpoint(path):
         if quantization is not None:
             raise UserError(Problem("model.quantization", f"{path} is an MLA model, which tunelab loads unquantized",
@@ -221,3 +273,72 @@ def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, 
     except OSError as exc:
         raise UserError(Problem("model.path", f"cannot load model from {spec.path!r}: {exc}"[:500],
                                 "check the hub id or directory; only safetensors weights are loaded")) from None
+
+
+def load_gguf_model(path: str, auto: Any, dtype: Any, attn_implementation: str = "sdpa", quantization: Any = None,
+                    head: str = "causal", key: str = "model.path") -> Any:
+    """A model from a GGUF file, dequantized to ``dtype``; named by ``path`` so an adapter records it as its base.
+
+    With a quantization block (QLoRA) the dequantized weights go through a saved safetensors copy
+    first: bitsandbytes quantizes at load time, from ordinary weights.
+    """
+    gguf_error(path, key)
+    where, extra = pretrained_kwargs(path, key)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation, **extra)
+    if head == "score":
+        kwargs["num_labels"] = 1
+    if quantization is not None:
+        tmp = Path(tempfile.mkdtemp(prefix="tunelab-gguf-"))
+        auto.from_pretrained(where, **kwargs).save_pretrained(tmp)
+        kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
+                      quantization_config=bnb_config(quantization))
+        if head == "score":
+            kwargs["num_labels"] = 1
+        model = auto.from_pretrained(str(tmp), **kwargs)
+    else:
+        model = auto.from_pretrained(where, **kwargs)
+    forget_gguf_quantization(model)
+    name = path if path.startswith("builtin:") else str(Path(path).expanduser().resolve())
+    model.name_or_path = name
+    model.config.name_or_path = name
+    return model
+
+
+def forget_gguf_quantization(model: Any) -> None:
+    """A GGUF-loaded model is dequantized floats, but transformers still tags it "quantized: GGUF".
+
+    The tag makes the Trainer refuse to train it, and would be saved into config.json (a model
+    that claims a GGUF quantization it does not have). The weights are ordinary tensors: drop it.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)).lower() == "gguf":
+        model.hf_quantizer = None
+        if "is_quantized" in vars(model):
+            model.is_quantized = False
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None and hasattr(cfg, "quantization_config"):
+                delattr(cfg, "quantization_config")
+
+
+def set_stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """Make the model's generation_config stop at the chat template's end-of-turn token (and eos).
+
+    A fine-tuned chat model that never stops is the usual symptom of a generation_config whose
+    eos is the tokenizer's document end while turns end with another token. Returns the ids set.
+    """
+    from tunelab.data.templates import end_of_turn_ids
+
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return []
+    ids = end_of_turn_ids(tokenizer)
+    old = gen.eos_token_id
+    for i in [old] if isinstance(old, int) else list(old or []):
+        if i not in ids:
+            ids.append(i)
+    if ids:
+        gen.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return ids

@@ -116,6 +116,12 @@ def _anchor_data_paths(data: dict[str, Any], base_dir: Path) -> None:
     if isinstance(patches, list):
         for patch in patches:
             anchor(patch, "calibration_data")
+    model = data.get("model")
+    if isinstance(model, dict):  # a .gguf file or a .jinja chat template beside the recipe
+        if isinstance(model.get("path"), str) and model["path"].lower().endswith(".gguf"):
+            anchor(model, "path")
+        if isinstance(model.get("chat_template"), str) and model["chat_template"].endswith(".jinja"):
+            anchor(model, "chat_template")
 
 
 def resolve_extends(path: Path, stack: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:

