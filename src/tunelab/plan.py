@@ -575,35 +575,70 @@ def length_histograms(recipe: Any, tokenizer: Any) -> list[LengthHistogram]:
 
 
 def render_first_example(recipe: Any, tokenizer: Any, color: bool = False) -> tuple[str, str]:
-    """(source label, the first training row rendered by the chat template with the loss mask shown).
+    """(source label, the first training row rendered by the chat template with the loss mask shown)."""
+    blocks = render_examples(recipe, tokenizer, color)
+    return blocks[0] if blocks else (recipe.data.train[0].source, "(no convertible row)")
+
+
+def render_examples(recipe: Any, tokenizer: Any, color: bool = False) -> list[tuple[str, str]]:
+    """(heading, rendering) of each train source's first example through the chat template, loss tokens marked.
 
     Tokens that get loss are shown inside ``[[ ]]`` (green when ``color``); the mask comes from the
     pipeline's own tokenization (``encode_row`` / ``encode_pair``), so it is the one training uses.
+    Conversations: the first row, and the first multi-turn row when the first has one assistant
+    turn. Preference pairs: prompt + chosen and prompt + rejected. Prompts (online RL): the
+    rendered prompt the policy continues (no loss tokens: the loss is on generated text).
     """
     from tunelab.data.formats import BadRow, convert
     from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.data.tokenize import IGNORE, encode_pair, encode_prompt, encode_row
+    from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 
-    src = recipe.data.train[0]
-    if offline_hub_source(src, "data.train[0].source"):
-        return src.source, "(not read: a hub dataset, and this machine is set offline)"
-    resolved = resolve_source(src.source, "data.train[0].source")
-    for _, row in iter_rows(src, resolved, limit=50):
-        try:
-            canonical = convert(row, src)
-        except BadRow:
+    out: list[tuple[str, str]] = []
+    for i, src in enumerate(recipe.data.train):
+        key = f"data.train[{i}].source"
+        if offline_hub_source(src, key):
+            out.append((src.source, "(not read: a hub dataset, and this machine is set offline)"))
             continue
-        if src.format == "preference":
-            p, c, _ = encode_pair(tokenizer, canonical)
-            ids, mask = p + c, [0] * len(p) + [1] * len(c)
-        elif src.format == "prompt":
-            ids = encode_prompt(tokenizer, canonical["prompt"])
-            mask = [0] * len(ids)
-        else:
-            ids, labels = encode_row(tokenizer, canonical, recipe.data.train_on_prompt)
+        resolved = resolve_source(src.source, key)
+        found_multi = False
+        shown = 0
+        for rowno, row in iter_rows(src, resolved, limit=200):
+            try:
+                canonical = convert(row, src)
+            except BadRow:
+                continue
+            label = f"{resolved.label} row {rowno}"
+            try:
+                if src.format == "preference":
+                    p, c, r = encode_pair(tokenizer, canonical)
+                    out.append((f"{label}, prompt + chosen", _show_mask(tokenizer, p + c, [0] * len(p) + [1] * len(c),
+                                                                       color)))
+                    out.append((f"{label}, prompt + rejected",
+                                _show_mask(tokenizer, p + r, [0] * len(p) + [1] * len(r), color)))
+                    break
+                if src.format == "prompt":
+                    ids = encode_prompt(tokenizer, canonical["prompt"])
+                    out.append((f"{label}, the prompt the policy continues (loss is on its generations)",
+                                _show_mask(tokenizer, ids, [0] * len(ids), color)))
+                    break
+                turns = sum(m["role"] == "assistant" for m in canonical.get("messages", []))
+                if shown and (turns < 2 or found_multi):
+                    continue
+                ids, labels = encode_row(tokenizer, canonical, recipe.data.train_on_prompt)
+            except TemplateMismatch as exc:
+                out.append((label, f"(no exact loss mask: {exc})"))
+                break
             mask = [int(t != IGNORE) for t in labels]
-        return resolved.label, _show_mask(tokenizer, ids, mask, color)
-    return resolved.label, "(no convertible row in the first 50)"
+            out.append((label + (f", {turns} assistant turns" if turns > 1 else ""), _show_mask(tokenizer, ids, mask,
+                                                                                                  color)))
+            shown += 1
+            found_multi = found_multi or turns > 1
+            if found_multi or "messages" not in canonical:
+                break
+        else:
+            if not shown:
+                out.append((resolved.label, "(no convertible row in the first 200)"))
+    return out
 
 
 def _show_mask(tokenizer: Any, ids: list[int], mask: list[int], color: bool) -> str:
@@ -692,8 +727,13 @@ def run_plan(recipe_path: str, overrides: list[str], gpus: int = 1, gpu_memory: 
         lines.append(f"  on_overflow: {h.on_overflow}: {n_over} rows {verb}; {r.dropped_no_labels} dropped with "
                      f"no response tokens; {r.used} of {r.rows} rows used, {r.tokens} tokens "
                      f"({r.label_tokens} trained)")
-    label, shown = render_first_example(recipe, tokenizer, color)
-    lines += ["", f"first example of {label} through the chat template; tokens with loss in [[ ]]:", shown]
+    from tunelab.data.templates import choice_of
+
+    choice = choice_of(tokenizer)
+    if choice.text:
+        lines += ["", choice.describe()]
+    for label, shown in render_examples(recipe, tokenizer, color):
+        lines += ["", f"{label} through the chat template; tokens with loss in [[ ]]:", shown]
     return lines
 
 

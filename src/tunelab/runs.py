@@ -125,3 +125,71 @@ def plot_metrics(run: RunDir) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def model_card(recipe: Any, summary: dict[str, Any], report: dict[str, Any] | None,
+               template: dict[str, Any] | None, stops: list[str], lock_text: str | None) -> str:
+    """final/README.md: what was trained from what, on which data, with what result, and how to load it.
+
+    Written by tunelab instead of the trainer's generic card (which links a hub page for any
+    base name, ``builtin:`` ones included, and leaves every field "More Information Needed").
+    """
+    base = recipe.model.path
+    adapter = recipe.peft is not None
+    lines = [f"# {Path(recipe.train.output_dir).name}", "",
+             f"Fine-tuned with tunelab: method **{recipe.method.name}**"
+             + (f" with a PEFT **{recipe.peft.method}** adapter" if adapter else " (all weights)")
+             + f", from `{base}`.", ""]
+    facts = [("base model", f"`{base}`"
+              + (" (a GGUF file, dequantized to float for training; this directory holds ordinary safetensors)"
+                 if base.lower().endswith(".gguf") or base == "builtin:smollm2-135m-instruct" else "")),
+             ("method", recipe.method.name), ("training steps", str(summary.get("global_step", "?")))]
+    if adapter:
+        facts.append(("adapter", ", ".join(f"{k} {v}" for k, v in recipe.peft.model_dump().items()
+                                           if k in ("method", "r", "alpha", "target_modules") and v is not None)))
+    if template:
+        facts.append(("chat template", f"{template.get('name')} (sha256 {template.get('sha256')}), loss on assistant "
+                      f"turns through {template.get('end_of_turn')}"))
+    if stops:
+        facts.append(("stops at", ", ".join(f"`{s}`" for s in stops) + " (generation_config.json eos_token_id)"))
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]
+    if report:
+        lines += ["## Data", "", "| split | source | rows | used | truncated | dropped (too long) | skipped (bad) |",
+                  "|---|---|---|---|---|---|---|"]
+        for split in ("train", "eval"):
+            for r in report.get(split, []):
+                lines.append(f"| {split} | {r['source']} | {r['rows']} | {r['used']} | {r['truncated']} | "
+                             f"{r['dropped_overflow']} | {r['skipped_bad']} |")
+        lines += ["", f"max_length {report.get('max_length')}, on_overflow {report.get('on_overflow')}.", ""]
+    results = []
+    for key in ("train_loss", "train_reward"):
+        if key in summary:
+            results.append(f"- {key.replace('_', ' ')}: {summary[key]['first']:.4f} (first 10% of logged steps) -> "
+                           f"{summary[key]['last']:.4f} (last 10%)")
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    for k, v in after.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            was = before.get(k)
+            results.append(f"- eval {k}: " + (f"{was:.4f} -> " if isinstance(was, (int, float)) else "") + f"{v:.4f}")
+    if results:
+        lines += ["## Results", "", *results, ""]
+    run_dir = recipe.train.output_dir
+    lines += ["## Use it", "", "```bash", f"tunelab generate {run_dir} \"Hello!\"",
+              f"tunelab eval {run_dir} --data <file or builtin:NAME>"]
+    if adapter:
+        lines += [f"tunelab merge {run_dir} -o {run_dir}-merged   # a standalone model any transformers loads"]
+    lines += ["```", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if adapter and getattr(recipe.peft, "method", "") in ("lora", "dora", "qlora"):
+        lines += [f"model = AutoModelForCausalLM.from_pretrained(\"{run_dir}-merged\")   # after `tunelab merge`",
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"{run_dir}-merged\")"]
+    elif adapter:
+        lines += ["from peft import AutoPeftModelForCausalLM", "",
+                  f"model = AutoPeftModelForCausalLM.from_pretrained(\"{run_dir}/final\")",
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"{run_dir}/final\")"]
+    else:
+        lines += [f"model = AutoModelForCausalLM.from_pretrained(\"{run_dir}/final\")",
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"{run_dir}/final\")"]
+    lines += ["```", ""]
+    if lock_text:
+        lines += ["## Recipe (recipe.lock.yaml)", "", "```yaml", lock_text.rstrip(), "```", ""]
+    return "\n".join(lines)

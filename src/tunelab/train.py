@@ -284,6 +284,13 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     if trainer.is_world_process_zero():
         plot_metrics(run)
         run.summary.write_text(json.dumps(summary, indent=2))
+        if run.final.is_dir():
+            from tunelab.runs import model_card
+
+            stop_names = tokenizer.convert_ids_to_tokens(stops) if stops else []
+            (run.final / "README.md").write_text(model_card(recipe, summary, report.to_dict(), template_record,
+                                                            stop_names, run.lock.read_text(encoding="utf-8")),
+                                                 encoding="utf-8")
     _say(f"done: {run.final}")
     from tunelab.launch.watchdog import close_process_group
 

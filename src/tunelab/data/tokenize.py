@@ -59,7 +59,8 @@ def encode_pair(tokenizer: Any, pair: dict[str, Any]) -> tuple[list[int], list[i
     """(prompt_ids, chosen_ids, rejected_ids) of one canonical preference pair.
 
     Conversations: the prompt is rendered with the generation prompt (``<|im_start|>assistant``
-    and the like), each response is what the full conversation adds after it. If a template
+    and the like), each response is what the full conversation adds after it, through its
+    end-of-turn token (the newline a template writes after it is not part of the response). If a template
     renders the prompt differently inside the full conversation, the prompt is cut where the
     renderings diverge, so prompt + response is always exactly the rendered conversation.
     Plain text: the prompt with the tokenizer's special tokens, each response without, plus eos.
@@ -69,12 +70,24 @@ def encode_pair(tokenizer: Any, pair: dict[str, Any]) -> tuple[list[int], list[i
         c = _render_ids(tokenizer, pair["prompt"] + pair["chosen"])
         r = _render_ids(tokenizer, pair["prompt"] + pair["rejected"])
         k = min(len(p), _common_prefix(p, c), _common_prefix(p, r))
-        return p[:k], c[k:], r[k:]
+        return p[:k], _end_at_turn_end(tokenizer, c[k:]), _end_at_turn_end(tokenizer, r[k:])
     eos = [tokenizer.eos_token_id]
     p = tokenizer(pair["prompt"], add_special_tokens=True)["input_ids"]
     c = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + eos
     r = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + eos
     return p, c, r
+
+
+def _end_at_turn_end(tokenizer: Any, response: list[int]) -> list[int]:
+    """A response through its end-of-turn token: the separator a template writes after it is not the model's."""
+    eot_name = choice_of(tokenizer).end_of_turn or tokenizer.eos_token
+    eot = tokenizer.convert_tokens_to_ids(eot_name) if eot_name else None
+    if eot is None or eot not in response:
+        return response
+    end = len(response) - response[::-1].index(eot)
+    if end < len(response) and not tokenizer.decode(response[end:]).strip():
+        return response[:end]
+    return response
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -170,9 +170,13 @@ def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[s
     device = next(model.parameters()).device
     chosen: list[float] = []
     rejected: list[float] = []
+    from tunelab.eval.progress import progress
+
+    bar = progress(len(dataset), "eval pairs", "pair")
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            bar.update(len(rows))
             seqs = [r["prompt_ids"] + r[side] for side in ("chosen_ids", "rejected_ids") for r in rows]
             resp = [len(r[side]) for side in ("chosen_ids", "rejected_ids") for r in rows]
             ids, mask = pad_right(seqs, pad_id)
@@ -182,6 +186,7 @@ def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[s
             sums = [float(logp[j, len(s) - 1 - n : len(s) - 1].sum()) for j, (s, n) in enumerate(zip(seqs, resp))]
             chosen += sums[: len(rows)]
             rejected += sums[len(rows) :]
+    bar.close()
     return {"chosen": chosen, "rejected": rejected}
 
 

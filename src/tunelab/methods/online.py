@@ -107,6 +107,7 @@ def completion_mask(completions: Any, stops: list[int], pad: int) -> Any:
 
 def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
     """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
+    from tunelab.eval.progress import progress
     from tunelab.rewards.compute import build_rewards, score_all
 
     import torch
@@ -125,8 +126,10 @@ def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict
         totals: list[float] = []
         per: dict[str, list[float]] = {}
         rows = [p for p in prompts for _ in range(repeats)]
+        bar = progress(len(rows), f"eval {mode} completions", "completion")
         for start in range(0, len(rows), bs):
             chunk = rows[start:start + bs]
+            bar.update(len(chunk))
             _, _, comp = sample(model, tokenizer, [r["prompt_ids"] for r in chunk], m.max_completion_length,
                                 temperature, m.top_p)
             texts = [tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in comp.tolist()]
@@ -135,6 +138,7 @@ def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict
             totals += total
             for k, v in by_fn.items():
                 per.setdefault(k, []).extend(x for x in v if x is not None)
+        bar.close()
         result[mode] = {"reward": sum(totals) / len(totals),
                         **{k: sum(v) / len(v) for k, v in per.items() if v}}
     if was_training:

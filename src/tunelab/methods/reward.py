@@ -105,10 +105,15 @@ def score(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int) 
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
+    from tunelab.eval.progress import progress
+
+    bar = progress(len(sequences), "scoring", "seq")
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
             ids, mask = pad_right(sequences[start : start + batch_size], pad_id)
             out += model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+            bar.update(len(ids))
+    bar.close()
     return out
 
 
