@@ -130,7 +130,7 @@ def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: 
     rows, report = encode_source(src, "--data", tok, spec)
     if limit:
         rows = rows[:limit]
-    result: dict[str, Any] = perplexity(model, rows, batch_size, tok.pad_token_id or 0)
+    result: dict[str, Any] = perplexity(model, rows, batch_size, tok.pad_token_id or 0, pack_tokens=max_length)
     _say(f"{data}: {len(rows)} rows, {result['tokens']} scored tokens (truncated {report.truncated}, "
          f"skipped {report.skipped_bad})")
     print(f"perplexity: {result['perplexity']:.4f}")

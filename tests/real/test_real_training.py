@@ -66,7 +66,8 @@ def test_dpo_on_smollm2_runs_and_reports_margins(smollm2_gguf, tmp_path, run_cli
 
 def test_grpo_on_smollm2_runs(smollm2_gguf, tmp_path, run_cli):
     code, out, err = run_cli("train", "recipes/real/grpo-lora.yaml", "--set", f"train.output_dir={tmp_path / 'run'}",
-                             "--set", "train.max_steps=2", *FAST)
+                             "--set", "train.max_steps=2", "--set", "method.eval_samples=1", "--set",
+                             "data.eval.0.samples=4", *FAST)
     assert code == 0, (out + err)[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == 2

@@ -211,3 +211,48 @@ def test_an_unknown_chat_template_name_is_a_recipe_error_with_the_registry(tmp_p
     code, out, err = run_cli("validate", recipe)
     assert code == 2
     assert "model.chat_template" in err and "did you mean 'qwen3'" in err and "deepseek-r1" in err
+
+
+def test_rerunning_a_lock_whose_chat_template_differs_says_so(tmp_path, capsys):
+    import yaml
+
+    from tunelab.train import check_lock_data
+
+    lock = tmp_path / "recipe.lock.yaml"
+    lock.write_text(yaml.safe_dump({"model": {"path": "builtin:tiny-llama"},
+                                    "tunelab_lock": {"chat_template": {"name": "qwen3", "sha256": "aaaa"}, "data": []}}))
+    check_lock_data(lock, [], {"name": "qwen3", "sha256": "aaaa"})
+    assert "chat template differs" not in capsys.readouterr().out
+    check_lock_data(lock, [], {"name": "chatml", "sha256": "bbbb"})
+    out = capsys.readouterr().out
+    assert "chat template differs from the lock file's" in out and "qwen3" in out and "chatml" in out
+
+
+@pytest.mark.parametrize("messages,why", [
+    ([{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}], "must follow an assistant tool call"),
+    ([{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
+      {"role": "assistant", "content": "y"}], "only assistant messages call tools"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}],
+     "no function name"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning_content": 3}],
+     "reasoning_content must be a string"),
+])
+def test_tool_and_reasoning_fields_are_checked_per_row(messages, why):
+    from tunelab.data.formats import BadRow, to_canonical
+    from tunelab.recipe.schema import DataSource
+
+    with pytest.raises(BadRow, match=why):
+        to_canonical({"messages": messages}, DataSource(source="x.jsonl"))
+
+
+def test_canonical_messages_carry_only_the_keys_a_message_has():
+    """Llama 3.1's template tests `'tool_calls' in message`: an absent key must stay absent."""
+    from tunelab.data.formats import to_canonical
+    from tunelab.recipe.schema import DataSource
+
+    row = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "thinking": "t"}],
+           "tools": [{"type": "function", "function": {"name": "f"}}]}
+    out = to_canonical(row, DataSource(source="x.jsonl"))
+    assert out["messages"][0] == {"role": "user", "content": "x"}
+    assert out["messages"][1] == {"role": "assistant", "content": "y", "reasoning_content": "t"}
+    assert out["tools"] == row["tools"]

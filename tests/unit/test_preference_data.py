@@ -81,10 +81,12 @@ def test_encode_pair_is_the_rendered_conversation(tok):
     p, c, r = encode_pair(tok, pair)
     full_c = tok.apply_chat_template([U, GOOD_A], tokenize=True, return_dict=True)["input_ids"]
     full_r = tok.apply_chat_template([U, BAD_A], tokenize=True, return_dict=True)["input_ids"]
-    assert p + c == list(full_c) and p + r == list(full_r)
+    # the rendered conversation through the end-of-turn token: the "\n" ChatML writes after it is not the response's
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert p + c + newline == list(full_c) and p + r + newline == list(full_r)
     gen = tok.apply_chat_template([U], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert p == list(gen)  # the prompt ends with the assistant header
-    assert tok.decode(c).startswith("2 plus 2 is 4.<|im_end|>")
+    assert tok.decode(c) == "2 plus 2 is 4.<|im_end|>" and c[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     p, c, r = encode_pair(tok, {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"})
     assert c[-1] == r[-1] == tok.eos_token_id and tok.decode(p) == "Q: 2+2?"
 

@@ -284,7 +284,7 @@ def _prefix_spans(tokenizer: Any, choice: ChatTemplateChoice, messages: list[dic
                     f"in {what} (e.g. it drops earlier turns' reasoning), so its loss mask cannot be found by "
                     f"prefix difference; set model.chat_template to a registry template ({', '.join(REGISTRY)}) "
                     "or a .jinja file whose assistant turns are inside {% generation %} ... {% endgeneration %}")
-        end = len(through.rstrip()) if through.rstrip() != through else len(through)
+        end = len(through.rstrip())  # the separator after the end-of-turn token is not the model's
         if end > len(before):
             spans.append((len(before), end))
     return spans

@@ -187,7 +187,8 @@ def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict
     from tunelab.eval.perplexity import perplexity
 
     bs = recipe.train.eval_batch_size or recipe.train.batch_size
-    return perplexity(model, eval_ds, bs, tokenizer.pad_token_id or 0)
+    # packed like training: rows of max_length, batch_size of them per forward pass
+    return perplexity(model, eval_ds, bs, tokenizer.pad_token_id or 0, pack_tokens=recipe.data.max_length)
 
 
 def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
