@@ -256,3 +256,20 @@ def test_canonical_messages_carry_only_the_keys_a_message_has():
     assert out["messages"][0] == {"role": "user", "content": "x"}
     assert out["messages"][1] == {"role": "assistant", "content": "y", "reasoning_content": "t"}
     assert out["tools"] == row["tools"]
+
+
+def test_validate_says_when_the_tokenizers_eos_is_not_the_templates_end_of_turn(tmp_path, run_cli):
+    """A model directory (config + tokenizer, no weights needed by validate) whose eos is the document end."""
+    from tunelab.models.builtin import builtin_config
+
+    model_dir = tmp_path / "model"
+    builtin_config("tiny-llama").save_pretrained(model_dir)
+    tok = builtin_tokenizer()
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(model_dir)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{path: {model_dir}, chat_template: chatml}}\n"
+                      "data: {train: [{source: 'builtin:quickstart/sft'}]}\nmethod: {name: sft}\n")
+    code, out, err = run_cli("validate", recipe)
+    assert code == 0, out + err
+    assert "eos token is '<|endoftext|>'" in out + err and "ends turns with '<|im_end|>'" in out + err
