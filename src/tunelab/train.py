@@ -256,11 +256,12 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
 
     from tunelab.models.load import set_stop_tokens
 
-    stops = set_stop_tokens(trainer.model, tokenizer)  # a PeftModel passes generation_config through to its base
+    saved = getattr(trainer, "saved_model", None) or trainer.model  # our PPO trainer saves its policy
+    stops = set_stop_tokens(saved, tokenizer)  # a PeftModel passes generation_config through to its base
     trainer.save_model(str(run.final))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run.final))
-        gen = getattr(trainer.model, "generation_config", None)
+        gen = getattr(saved, "generation_config", None)
         if gen is not None and not (run.final / "generation_config.json").is_file():
             gen.save_pretrained(str(run.final))  # an adapter dir too: the stop tokens travel with the result
         if stops:

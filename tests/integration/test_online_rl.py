@@ -36,6 +36,9 @@ def test_reward_rises(run_cli, quickstart_sft, tmp_path, recipe):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / recipe / "final")  # plain HF format
+    eos = json.loads((tmp_path / recipe / "final" / "generation_config.json").read_text())["eos_token_id"]
+    assert 2 in ([eos] if isinstance(eos, int) else eos)  # <|im_end|>, the template's end of turn: it stops
+    assert "## Results" in (tmp_path / recipe / "final" / "README.md").read_text()  # tunelab's card
 
 
 def _launch(launcher: list[str], recipe: str, sft_dir: Path, out: Path, *sets: str,

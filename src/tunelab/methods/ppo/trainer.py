@@ -238,6 +238,11 @@ class PPOTrainer:
             if self.state.global_step % self.t.save_steps == 0 and self.state.global_step < self.total_steps:
                 self.save_checkpoint()
 
+    @property
+    def saved_model(self) -> Any:
+        """The model ``save_model`` writes (the policy): where ``train`` sets the stop tokens."""
+        return self.unwrapped.policy
+
     def save_model(self, path: str) -> None:
         """The policy in HF format (a PEFT adapter under PEFT); the critic in ``critic/`` if asked."""
         self.accelerator.wait_for_everyone()
