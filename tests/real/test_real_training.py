@@ -72,3 +72,19 @@ def test_grpo_on_smollm2_runs(smollm2_gguf, tmp_path, run_cli):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == 2
     assert 2 in eos_ids(tmp_path / "run" / "final")
+
+
+def test_full_fine_tune_from_the_gguf_saves_plain_safetensors(smollm2_gguf, tmp_path, run_cli):
+    """No adapter: final/ is a whole model in ordinary safetensors, without the loader's "quantized: GGUF" tag."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    code, out, err = run_cli("train", "recipes/real/sft-lora.yaml", "--set", "peft=null", "--set",
+                             f"train.output_dir={run}", "--set", "train.max_steps=1", "--set", "train.batch_size=1",
+                             "--set", "data.max_length=128", "--set", "data.eval.0.samples=4", *FAST)
+    assert code == 0, (out + err)[-3000:]
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (run / "final" / "model.safetensors").is_file() and 2 in eos_ids(run / "final")
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 30 and not getattr(model, "is_quantized", False)
