@@ -163,16 +163,12 @@ def _for_text(name: str, text: str, tokenizer: Any, kwargs: dict[str, Any]) -> C
         if text == e.text:
             return ChatTemplateChoice(e.name, e.text, "marked", e.end_of_turn, e, None, kwargs)
     if has_generation_markers(text):
-        return ChatTemplateChoice(name, text, "marked", _eot_guess(tokenizer), None, None, kwargs)
+        return ChatTemplateChoice(name, text, "marked", None, None, None, kwargs)
     entry = identify(tokenizer, text, kwargs)
     if entry is not None:
         return ChatTemplateChoice(entry.name, entry.text, "marked", entry.end_of_turn, entry, text, kwargs)
-    return ChatTemplateChoice(name, text, "prefix", _eot_guess(tokenizer), None, None, kwargs)
-
-
-def _eot_guess(tokenizer: Any) -> str | None:
-    """For a template outside the registry the end-of-turn token is read off the first row (None until then)."""
-    return None
+    # outside the registry the end-of-turn token is read off the first row (_check_end_of_turn)
+    return ChatTemplateChoice(name, text, "prefix", None, None, None, kwargs)
 
 
 def apply_choice(tokenizer: Any, choice: ChatTemplateChoice) -> Any:
@@ -218,10 +214,14 @@ def render_with_mask(tokenizer: Any, messages: list[dict[str, Any]], tools: Any 
     choice = choice_of(tokenizer)
     if (why := row_problem(choice, messages, tools)) is not None:
         raise TemplateMismatch(why)
-    text = _render_text(tokenizer, choice.text, messages, tools, kwargs=choice.kwargs) if choice.text else None
-    if text is None:
+    if choice.text is None:
         raise TemplateMismatch("the tokenizer has no chat template; set model.chat_template to one of: "
                                + ", ".join(REGISTRY))
+    if choice.mode == "marked":  # one rendering gives the text and the {% generation %} spans
+        text, spans = _render_marked(tokenizer, choice, messages, tools)
+    else:
+        text = _render_text(tokenizer, choice.text, messages, tools, kwargs=choice.kwargs)
+        spans = _prefix_spans(tokenizer, choice, messages, tools, text)
     if choice.reference is not None:
         theirs = _render_text(tokenizer, choice.reference, messages, tools, kwargs=choice.kwargs)
         if theirs != text:
@@ -229,10 +229,6 @@ def render_with_mask(tokenizer: Any, messages: list[dict[str, Any]], tools: Any 
                                    f"registry template {choice.name} (first difference at character "
                                    f"{_first_diff(theirs, text)}); set model.chat_template to the right registry "
                                    f"name ({', '.join(REGISTRY)}) or to a .jinja file with {{% generation %}} markers")
-    if choice.mode == "marked":
-        spans = _generation_spans(tokenizer, choice, messages, tools)
-    else:
-        spans = _prefix_spans(tokenizer, choice, messages, tools, text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     mask = [0] * len(ids)
@@ -250,20 +246,18 @@ def _first_diff(a: str, b: str) -> int:
     return n
 
 
-def _generation_spans(tokenizer: Any, choice: ChatTemplateChoice, messages: list[dict[str, Any]],
-                      tools: Any) -> list[tuple[int, int]]:
-    """Character spans of the ``{% generation %}`` blocks, from transformers' own renderer."""
+def _render_marked(tokenizer: Any, choice: ChatTemplateChoice, messages: list[dict[str, Any]],
+                   tools: Any) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, character spans of its ``{% generation %}`` blocks), from transformers' own renderer.
+
+    The variables are the ones ``apply_chat_template`` hands a template: the special tokens and the kwargs.
+    """
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, indices = render_jinja_template(conversations=[messages], tools=tools, chat_template=choice.text,
                                               return_assistant_tokens_mask=True, add_generation_prompt=False,
-                                              **_template_vars(tokenizer), **choice.kwargs)
-    return [(s, e) for s, e in indices[0] if e > s]
-
-
-def _template_vars(tokenizer: Any) -> dict[str, Any]:
-    """The special tokens transformers hands every template (bos_token, eos_token, ...)."""
-    return dict(tokenizer.special_tokens_map)
+                                              **tokenizer.special_tokens_map, **choice.kwargs)
+    return rendered[0], [(s, e) for s, e in indices[0] if e > s]
 
 
 def _prefix_spans(tokenizer: Any, choice: ChatTemplateChoice, messages: list[dict[str, Any]], tools: Any,

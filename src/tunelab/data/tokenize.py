@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.data.templates import TemplateMismatch, choice_of, has_generation_markers, render_with_mask
+from tunelab.data.templates import TemplateMismatch, choice_of, render_with_mask
 
 IGNORE = -100
-__all__ = ["IGNORE", "TemplateMismatch", "encode_messages", "encode_pair", "encode_prompt", "encode_row",
-           "has_generation_markers"]
+__all__ = ["IGNORE", "TemplateMismatch", "encode_messages", "encode_pair", "encode_prompt", "encode_row"]
 
 
 def _render_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
