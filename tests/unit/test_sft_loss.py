@@ -1,8 +1,9 @@
 """tunelab's direct SFT loss path against TRL's fused LM head and against a loss computed by hand.
 
-For micro-batches with small logits, tunelab's SFTTrainer computes the loss from the plain
-logits (faster on a CPU); it must give the same loss, gradients and logged metrics as TRL's own
-chunked fused head, which stays in use for large vocabularies.
+For micro-batches whose scored logits are small, tunelab's SFTTrainer computes the loss from the
+LM head applied at the labelled positions only (``tunelab.models.logits.scored_logits``); it must
+give the same loss, gradients and logged metrics as TRL's own chunked fused head over every
+position, which stays in use for large vocabularies.
 """
 
 import pytest
@@ -88,7 +89,8 @@ def test_large_vocabulary_uses_trl_fused_head(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, packing=True)
     batch = next(iter(trainer.get_train_dataloader()))
     assert trainer._direct_loss_ok(batch)
-    monkeypatch.setattr(sft, "FUSED_HEAD_MIN_LOGIT_BYTES", batch["input_ids"].numel() * 1536 * 4)
+    scored = int((batch["labels"][:, 1:] != -100).sum())
+    monkeypatch.setattr(sft, "FUSED_HEAD_MIN_LOGIT_BYTES", scored * 1536 * 4)
     assert not trainer._direct_loss_ok(batch)
     called = []
     monkeypatch.setattr(SFTTrainer, "compute_loss", lambda self, *a, **k: called.append(1) or torch.tensor(0.0))
@@ -113,3 +115,69 @@ def test_prompt_tuning_logits_aligned(tmp_path):
     torch.testing.assert_close(ours[0], trl[0], atol=1e-5, rtol=1e-5)
     for name in trl[1]:
         torch.testing.assert_close(ours[1][name], trl[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+
+
+@pytest.mark.parametrize("wrap", ["plain", "lora"])
+def test_scored_logits_equal_full_logits_at_those_positions(wrap):
+    from tunelab.models.logits import scored_logits
+
+    torch.manual_seed(0)
+    model = builtin_model("tiny-llama")
+    model = _lora(model) if wrap == "lora" else model
+    if wrap == "lora":  # non-zero adapters, so the comparison covers the LoRA path
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.1)
+    ids = torch.randint(3, 1400, (2, 12))
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])  # row 0 packs two examples
+    inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}
+    rows, cols = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([1, 9, 0, 4, 11])
+    full = model(**inputs).logits
+    torch.testing.assert_close(scored_logits(model, inputs, rows, cols), full[rows, cols], atol=1e-5, rtol=1e-5)
+
+
+def test_scored_logits_fall_back_where_the_head_output_is_post_processed():
+    from tunelab.models.logits import head_and_decoder
+
+    model = builtin_model("tiny-llama")
+    assert head_and_decoder(model) is not None
+    model.config.final_logit_softcapping = 30.0
+    assert head_and_decoder(model) is None
+
+
+def test_lm_head_runs_only_at_labelled_positions_with_the_plain_paths_gradients(tmp_path):
+    """The headline of the direct path: the head sees the scored positions only, and the loss and
+    LoRA gradients equal those of the plain path (full logits, masked cross-entropy)."""
+    torch.manual_seed(0)
+    model = _lora(builtin_model("tiny-llama"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    trainer = _trainer(tmp_path, packing=True, model=model)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    scored = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < scored < batch["input_ids"].numel()
+    seen = []
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[:-1].numel()))
+    loss, grads, _, _ = _loss_grads_metrics(trainer, batch, fused=False)
+    hook.remove()
+    assert seen == [scored]
+    model.zero_grad()
+    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "num_real_tokens")}, use_cache=False).logits
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                              batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    plain.backward()
+    torch.testing.assert_close(loss, plain.detach(), atol=1e-6, rtol=1e-6)
+    lora = [n for n in grads if "lora_" in n]
+    assert lora
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)

@@ -47,22 +47,6 @@ def packs(lengths: list[int], pack_tokens: int) -> list[list[int]]:
     return out
 
 
-# config attributes of models whose LM head output is post-processed (Gemma 2/3 soft-capping, Cohere's scale)
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale")
-
-
-def _scored_logits(model: Any, batch: dict[str, Any], rows: Any, cols: Any) -> Any:
-    """Logits at (rows, cols) only: the decoder's last hidden states through the LM head where that is all the
-    model's head does; the whole forward's logits otherwise."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if head is None or decoder is None or any(getattr(base.config, a, None) for a in _LOGIT_POSTPROCESSING):
-        return model(**batch).logits[rows, cols]
-    hidden = decoder(**batch).last_hidden_state
-    return head(hidden[rows, cols])
-
-
 def packed_nll(model: Any, rows: list[dict[str, Any]], device: Any, pad_id: int) -> tuple[float, int]:
     """(sum of NLL, scored tokens) of packed rows, batched exactly as training batches them.
 
@@ -73,6 +57,7 @@ def packed_nll(model: Any, rows: list[dict[str, Any]], device: Any, pad_id: int)
     import torch.nn.functional as F
 
     from tunelab.data.collate import PackedRowsCollator
+    from tunelab.models.logits import scored_logits
 
     batch = PackedRowsCollator(pad_id)(rows)
     labels = batch.pop("labels")
@@ -84,7 +69,7 @@ def packed_nll(model: Any, rows: list[dict[str, Any]], device: Any, pad_id: int)
     inputs = {k: v.to(device) for k, v in batch.items()}
     # no cache: transformers reads packed position ids as separate sequences only without one (as in training)
     inputs["use_cache"] = False
-    logits = _scored_logits(model, inputs, r.to(device), c.to(device))
+    logits = scored_logits(model, inputs, r.to(device), c.to(device))
     nll = F.cross_entropy(logits.float(), target[r, c].to(device), reduction="sum")
     return float(nll), int(r.numel())
 

@@ -8,8 +8,9 @@ kernels); with SDPA/eager each packed row stays a row of its own (``tunelab.data
 transformers builds a block-diagonal causal mask from the position ids. Either way packed
 examples never attend to each other.
 
-For micro-batches whose logits are small, the loss comes from the plain logits rather than
-TRL's chunked fused head (same loss, gradients and metrics; faster on a CPU).
+For micro-batches whose scored logits are small, the loss comes from the LM head applied only at
+the positions that have a label (``tunelab.models.logits``) rather than from TRL's chunked fused
+head over every position: same loss, gradients and metrics, less compute and memory.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def sft_trainer_class() -> type:
     import torch
     from trl import SFTTrainer
 
+    from tunelab.models.logits import scored_logits
+
     class TunelabSFTTrainer(SFTTrainer):
         def _direct_loss_ok(self, inputs: dict) -> bool:
             if self.compute_loss_func is not None or self.label_smoother is not None or self.aux_loss_enabled:
@@ -101,7 +104,8 @@ def sft_trainer_class() -> type:
                 return False
             head = self.model.get_output_embeddings()
             vocab = head.weight.shape[0] if head is not None else None
-            return vocab is not None and inputs["input_ids"].numel() * vocab * 4 < FUSED_HEAD_MIN_LOGIT_BYTES
+            scored = int((inputs["labels"][:, 1:] != -100).sum())  # the head runs only where a label is scored
+            return vocab is not None and scored * vocab * 4 < FUSED_HEAD_MIN_LOGIT_BYTES
 
         def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -117,28 +121,24 @@ def sft_trainer_class() -> type:
             labels = inputs["labels"]
             model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
             model_inputs["use_cache"] = False
-            logits = model(**model_inputs).logits
-            # prompt tuning prepends virtual tokens to the logits; the real tokens are the last ones
-            logits = logits[:, -labels.size(1):][:, :-1].float()
-            target = labels[:, 1:].to(logits.device)
-            mask = target != -100
-            logp = -torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="none"
-            ).view(target.shape)
+            # the logit at position t scores the label at t + 1; the head runs at those positions only
+            rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+            logits = scored_logits(model, model_inputs, rows, cols).float()
+            target = labels[:, 1:][rows, cols].to(logits.device)
+            logp = -torch.nn.functional.cross_entropy(logits, target, reduction="none")
             per_token = -logp
             if self.args.loss_type == "dft":  # dynamic fine-tuning: weight each token by its own probability
                 per_token = per_token * logp.exp().detach()
-            denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = per_token.sum() / torch.as_tensor(denom).clamp(min=1)
+            denom = target.numel() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token.sum() / torch.as_tensor(denom, device=logits.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             with torch.no_grad():  # the same metrics TRL logs: entropy and top-1 accuracy on label tokens
-                valid = logits[mask]
-                lp = valid.log_softmax(-1)
+                lp = logits.log_softmax(-1)
                 entropy = -(lp.exp() * lp).sum(-1).sum()
-                correct = (valid.argmax(-1) == target[mask]).sum()
+                correct = (logits.argmax(-1) == target).sum()
             gather = self.accelerator.gather_for_metrics
-            n = gather(mask.sum()).sum()
+            n = gather(torch.tensor(target.numel(), device=logits.device)).sum()
             e, c = gather(entropy).sum(), gather(correct).sum()
             self._metrics[mode]["entropy"].append((e / n).item() if n > 0 else 0.0)
             self._metrics[mode]["mean_token_accuracy"].append((c / n).item() if n > 0 else 0.0)
