@@ -165,6 +165,7 @@ def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, e
     """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
     from tunelab.data.collate import PackedRowsCollator, uses_varlen_attention
     from tunelab.methods.common import atomic_checkpoints
+    from tunelab.models.attention import use_packed_sdpa
 
     args = trl_config(recipe)
     trainer_cls = atomic_checkpoints(sft_trainer_class())
@@ -179,6 +180,8 @@ def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, e
     if args.packing and not uses_varlen_attention(model):
         # SDPA/eager: one padded row per packed row instead of TRL's single concatenated row (see collate.py)
         trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+        # and on SDPA each packed example attends within itself at its own size, not through a row-wide mask
+        use_packed_sdpa(model)
     return trainer
 
 
