@@ -125,7 +125,8 @@ def sft_trainer_class() -> type:
             rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
             logits = scored_logits(model, model_inputs, rows, cols).float()
             target = labels[:, 1:][rows, cols].to(logits.device)
-            logp = -torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            lp = logits.log_softmax(-1)  # once: for the loss and for the logged metrics
+            logp = lp.gather(-1, target[:, None]).squeeze(-1)
             per_token = -logp
             if self.args.loss_type == "dft":  # dynamic fine-tuning: weight each token by its own probability
                 per_token = per_token * logp.exp().detach()
@@ -134,9 +135,9 @@ def sft_trainer_class() -> type:
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             with torch.no_grad():  # the same metrics TRL logs: entropy and top-1 accuracy on label tokens
-                lp = logits.log_softmax(-1)
+                lp = lp.detach()
                 entropy = -(lp.exp() * lp).sum(-1).sum()
-                correct = (logits.argmax(-1) == target).sum()
+                correct = (logp.detach() >= lp.amax(-1)).sum()  # the label's log-prob is the largest (argmax)
             gather = self.accelerator.gather_for_metrics
             n = gather(torch.tensor(target.numel(), device=logits.device)).sum()
             e, c = gather(entropy).sum(), gather(correct).sum()
