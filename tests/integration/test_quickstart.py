@@ -35,6 +35,12 @@ def test_quickstart_sft_learns(run_cli, quickstart_sft):
     assert len(tok) <= model.config.vocab_size
     rc, stdout, stderr = run_cli("generate", str(out), "What is 2 plus 3?")
     assert rc == 0, stderr[-2000:]
+    # the run's own held-out perplexity (packed rows, the trainer's attention) equals a fresh process's
+    # `tunelab eval` of the saved model (plain SDPA)
+    rc, stdout, stderr = run_cli("eval", str(out), "--data", "builtin:quickstart/sft_eval")
+    assert rc == 0, stderr[-2000:]
+    printed = float(stdout.split("perplexity:")[-1].split()[0])
+    assert printed == pytest.approx(after, abs=2e-4), (printed, after)
     rc, stdout, stderr = run_cli("eval", str(out), "--data", "builtin:quickstart/sft_eval", "--generate",
                                  "--limit", "8", "--max-new-tokens", "24")
     assert rc == 0, stderr[-2000:]

@@ -113,3 +113,37 @@ def test_sft_trainer_on_packed_rows_uses_it(tmp_path):
         built = sft.build_trainer(mock.Mock(), builtin_model("tiny-llama"), builtin_tokenizer(),
                                   Dataset.from_list(rows), None, [])
     assert built.model.config._attn_implementation == attention.NAME
+
+
+def test_a_new_batch_in_recycled_memory_gets_its_own_plan():
+    """A new batch whose position ids sit in the same tensor memory as the last one's (same id, data pointer and
+    version counter: what a freed-and-reused allocation looks like) gets the attention of its own packing."""
+    ref, ours = _model("sdpa"), _model(attention.NAME)
+    pos = torch.zeros(1, 16, dtype=torch.long)
+    for seed, lengths in ((0, [5, 9, 2]), (1, [3, 3, 10]), (2, [16])):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 1400, (1, 16), generator=g)
+        pos.data.copy_(torch.cat([torch.arange(n) for n in lengths])[None])  # .data: the version does not move
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=ids, position_ids=pos, use_cache=False).logits,
+                                       ref(input_ids=ids, position_ids=pos.clone(), use_cache=False).logits,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_packed_perplexity_over_many_batches_equals_sdpa():
+    """The packed held-out evaluation (many batches of one shape, one after another) gives SDPA's perplexity."""
+    from datasets import Dataset
+
+    from tunelab.eval.perplexity import perplexity
+
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(48):
+        n = [8, 16, 24][i % 3]  # packs of exactly 48 tokens: every batch has one shape, and memory gets reused
+        ids = torch.randint(3, 1400, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    ds = Dataset.from_list(rows)
+    ref = perplexity(_model("sdpa"), ds, batch_size=2, pack_tokens=48, progress=False)
+    ours = perplexity(_model(attention.NAME), ds, batch_size=2, pack_tokens=48, progress=False)
+    assert ours["tokens"] == ref["tokens"]
+    assert ours["nll"] == pytest.approx(ref["nll"], rel=1e-5)

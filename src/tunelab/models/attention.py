@@ -58,14 +58,18 @@ def _plan(position_ids: Any) -> list[tuple[Any, Any, int]] | None:
     return plan
 
 
-_cache: dict[str, Any] = {"key": None, "plan": None}
+_cache: dict[str, Any] = {"positions": None, "plan": None}
 
 
 def _cached_plan(position_ids: Any) -> Any:
-    """One plan per forward pass: every layer gets the same position_ids tensor."""
-    key = (id(position_ids), position_ids.data_ptr(), position_ids._version, tuple(position_ids.shape))
-    if _cache["key"] != key:
-        _cache["key"], _cache["plan"] = key, _plan(position_ids)
+    """One plan per forward pass: every layer gets the same position ids. The cache is keyed by their values
+    (a new batch's tensor can reuse a freed one's memory and id, so identity is no key)."""
+    import torch
+
+    cached = _cache["positions"]
+    if cached is None or cached.shape != position_ids.shape or cached.device != position_ids.device \
+            or not torch.equal(cached, position_ids):
+        _cache["positions"], _cache["plan"] = position_ids.detach().clone(), _plan(position_ids)
     return _cache["plan"]
 
 
