@@ -1,5 +1,6 @@
 """Long-context evals: passkey prompts and scoring, sliding-window perplexity by hand, the CLI tasks."""
 
+import copy
 import json
 import math
 import re
@@ -192,3 +193,60 @@ def test_cli_long_context_user_errors(run_cli, tmp_path):
     rc, _, err = run_cli("eval", "builtin:tiny-llama", "--task", "ppl-vs-length", "--data", "builtin:quickstart/text",
                          "--lengths", "64,512", "--max-tokens", "300")
     assert rc == 2 and "--max-tokens 300" in err and "512" in err
+
+
+def _first_n_ppl(model, docs, n):
+    """Independently: a forward pass over each document's first n tokens alone (a fresh copy of the model
+    for each, so no state is left from another pass), full logits."""
+    import copy
+
+    total = 0.0
+    with torch.no_grad():
+        for doc in docs:
+            window = torch.tensor(doc[:n])
+            logits = copy.deepcopy(model)(input_ids=window[None]).logits[0]
+            total += F.cross_entropy(logits[:-1].double(), window[1:], reduction="sum").item()
+    return math.exp(total / (len(docs) * (n - 1)))
+
+
+@pytest.mark.parametrize("method", [None, "yarn", "dynamic_ntk"])
+def test_prefix_ppl_equals_a_pass_over_each_prefix(method):
+    from tunelab.eval.long_context import prefix_ppl
+    from tunelab.patches.rope import RopePatch, apply_rope
+
+    model = builtin_model("tiny-llama").eval()
+    if method:
+        apply_rope(model, RopePatch(name="rope", method=method, factor=2, original_max_position_embeddings=32))
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(3, 1400, (n,), generator=gen).tolist() for n in (96, 120)]
+    lengths = [32, 48, 96]  # 32 = the original length: after a 96-token pass, dynamic NTK must reset for it
+    pristine = copy.deepcopy(model)
+    got = prefix_ppl(model, docs, lengths)
+    for r, n in zip(got["results"], lengths):
+        assert r["tokens"] == 2 * (n - 1) and r["documents"] == 2
+        assert math.isclose(r["ppl"], _first_n_ppl(pristine, docs, n), rel_tol=1e-5), (method, n)
+    assert len(got["nll_by_position"]) == 95
+
+
+def test_prefix_ppl_dynamic_ntk_differs_from_the_long_pass_prefix():
+    # the reason dynamic NTK gets one pass per length: within its 32 positions, the 16-token pass is
+    # unscaled while the first 16 positions of the 96-token pass are scaled
+    from tunelab.patches.rope import RopePatch, apply_rope
+
+    model = builtin_model("tiny-llama").eval()
+    apply_rope(model, RopePatch(name="rope", method="dynamic_ntk", factor=2, original_max_position_embeddings=32))
+    doc = torch.randint(3, 1400, (1, 96), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        short = model(input_ids=doc[:, :16]).logits[0]
+        long = model(input_ids=doc).logits[0, :16]
+        again = model(input_ids=doc[:, :16]).logits[0]
+    assert (short - long).abs().max() > 1e-4
+    assert torch.allclose(short, again)
+
+
+def test_prefix_ppl_refuses_short_documents(model):
+    from tunelab.eval.long_context import prefix_ppl
+
+    with pytest.raises(UserError) as exc:
+        prefix_ppl(model, [list(range(3, 200)), list(range(3, 50))], [64, 128])
+    assert "1 of 2 documents" in str(exc.value) and "128" in str(exc.value)

@@ -219,3 +219,23 @@ def test_recipe_patch_is_checked_at_validate(tmp_path, run_cli):
     good.write_text("extends: builtin:quickstart/sft\npatches: [{name: rope, method: yarn, target_length: 4096}]\n")
     rc, out, err = run_cli("validate", str(good))
     assert rc == 0, err
+
+
+def test_reset_dynamic_rope_undoes_a_longer_pass():
+    import copy
+
+    from tunelab.patches.rope import reset_dynamic_rope
+
+    model = builtin_model("tiny-llama").eval()
+    apply_rope(model, RopePatch(name="rope", method="dynamic_ntk", factor=2, original_max_position_embeddings=32))
+    fresh = copy.deepcopy(model)
+    ids = torch.randint(3, 1400, (1, 96), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = fresh(input_ids=ids[:, :32]).logits
+        model(input_ids=ids)  # grows the frequencies for 96 tokens
+        stale = model(input_ids=ids[:, :32]).logits  # transformers does not reset at exactly the original length
+        assert reset_dynamic_rope(model) == 1
+        again = model(input_ids=ids[:, :32]).logits
+    assert not torch.allclose(stale, expected, atol=1e-5)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    assert reset_dynamic_rope(builtin_model("tiny-llama")) == 0  # nothing dynamic: nothing touched

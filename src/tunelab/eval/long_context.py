@@ -150,3 +150,79 @@ def plot_ppl_vs_length(results_by_label: dict[str, list[dict[str, Any]]], path: 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _length_dependent_rope(model: Any) -> bool:
+    """True when the model's rotary frequencies depend on the length of the forward pass (dynamic NTK)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = getattr(base.config, "rope_parameters", None) or {}
+    return params.get("rope_type", params.get("type")) == "dynamic"
+
+
+def _nll_by_position(model: Any, window: Any, chunk: int = 2048) -> Any:
+    """NLL (float64, on CPU) of tokens 1..L-1 of a [1, L] window, the LM head applied ``chunk`` positions at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunelab.models.logits import head_and_decoder
+    from tunelab.patches.rope import reset_dynamic_rope
+
+    parts = head_and_decoder(model)
+    reset_dynamic_rope(model)  # each pass is independent: no frequencies left over from a longer one
+    with torch.no_grad():
+        if parts is None:
+            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+            return F.cross_entropy(logits, window[0, 1:], reduction="none").double().cpu()
+        head, decoder = parts
+        hidden = decoder(input_ids=window, use_cache=False).last_hidden_state[0, :-1]
+        out = []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = head(hidden[start : start + chunk]).float()
+            out.append(F.cross_entropy(logits, window[0, 1 + start : 1 + start + chunk], reduction="none").double())
+        return torch.cat(out).cpu()
+
+
+def prefix_ppl(model: Any, documents: Sequence[Sequence[int]], lengths: Sequence[int]) -> dict[str, Any]:
+    """Perplexity of the first L tokens of each document, for each L: the YaRN paper's protocol.
+
+    Each document (at least ``max(lengths)`` tokens) is one window starting at its first token,
+    and the L - 1 predictable tokens of its first L are scored, token-weighted over documents.
+    For a causal model whose positions are encoded the same at every length, one forward pass
+    over the longest prefix gives every length's figure; where the rotary frequencies depend on
+    the length of the pass (dynamic NTK), each length gets a pass of its own, shortest first.
+    Returns {"results": [one dict per length: length, documents, tokens, nll, ppl],
+    "nll_by_position": the mean NLL at each position over documents (float list)}.
+    """
+    import torch
+
+    longest = max(lengths)
+    if any(n < 2 for n in lengths):
+        raise UserError(Problem("--lengths", f"a context length below 2 in {list(lengths)}", "use lengths of 2 or more"))
+    short = [i for i, d in enumerate(documents) if len(d) < longest]
+    if not documents or short:
+        raise UserError(Problem("--lengths", f"{len(short)} of {len(documents)} documents are shorter than {longest} "
+                                "tokens", "give documents of at least the longest length"))
+    model.eval()
+    device = next(model.parameters()).device
+    per_length = {n: 0.0 for n in lengths}
+    by_position = torch.zeros(longest - 1, dtype=torch.float64)
+    separate = _length_dependent_rope(model)
+    for doc in documents:
+        ids = torch.tensor(list(doc[:longest]), dtype=torch.long, device=device).unsqueeze(0)
+        if separate:
+            for n in sorted(lengths):
+                nll = _nll_by_position(model, ids[:, :n])
+                per_length[n] += float(nll.sum())
+            by_position += nll  # the longest pass
+        else:
+            nll = _nll_by_position(model, ids)
+            for n in lengths:
+                per_length[n] += float(nll[: n - 1].sum())
+            by_position += nll
+    results = []
+    for n in lengths:
+        count = len(documents) * (n - 1)
+        mean = per_length[n] / count
+        results.append({"length": n, "documents": len(documents), "tokens": count, "nll": mean,
+                        "ppl": math.exp(mean) if mean < 700 else math.inf})
+    return {"results": results, "nll_by_position": (by_position / len(documents)).tolist()}

@@ -103,8 +103,11 @@ def greedy_continue(model: Any, input_ids: list[int], max_new_tokens: int, pad_t
     """The ids a model appends to ``input_ids`` under greedy decoding (batch of one, on the model's device)."""
     import torch
 
+    from tunelab.patches.rope import reset_dynamic_rope
+
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)
+    reset_dynamic_rope(model)  # each trial is independent: no frequencies left over from a longer one
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)

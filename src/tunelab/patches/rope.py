@@ -272,3 +272,21 @@ def rope_problems(spec: RopePatch, config: Any, where: str) -> list[Problem]:
     except ValueError as exc:
         return [Problem(where, str(exc))]
     return []
+
+
+def reset_dynamic_rope(model: Any) -> int:
+    """Put every dynamic-NTK rotary module back to its unscaled frequencies; returns how many there were.
+
+    transformers grows a dynamic rotary module's frequencies when a pass goes past its cached
+    length and resets them only on a pass shorter than the original length, so a pass of
+    exactly the original length (or between it and the longest one so far) after a longer one
+    runs with the longer pass's frequencies. Evaluations call this before each independent
+    pass, so every figure is that of its own length.
+    """
+    count = 0
+    for _, _, module in _rotary_modules(model):
+        if "dynamic" in str(getattr(module, "rope_type", "")) and hasattr(module, "original_inv_freq"):
+            module.register_buffer("inv_freq", module.original_inv_freq.to(module.inv_freq.device), persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
+            count += 1
+    return count
