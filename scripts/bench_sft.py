@@ -63,7 +63,7 @@ def train_loss(trainer) -> float:
 
 def rows(n: int) -> list[dict]:
     from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.recipe.schema import DataSource
+    from tunelab.specs import DataSource
 
     src = DataSource(source=DATA, format="messages")
     return [r for _, r in iter_rows(src, resolve_source(DATA, "data"), limit=n)]

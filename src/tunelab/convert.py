@@ -64,7 +64,6 @@ def mla_spec_from_options(**options: Any) -> Any:
 def _model_config(model: str) -> Any:
     """The config of MODEL without its weights (built-in, local dir, or hub id), or a UserError."""
     from tunelab.models.builtin import BUILTIN_MODELS, builtin_config
-
     from tunelab.models.gguf import REAL_BUILTINS
 
     if model.startswith("builtin:") and model[len("builtin:") :] not in REAL_BUILTINS:
@@ -89,7 +88,6 @@ def _model_config(model: str) -> Any:
 def _tokenizer(model: str, required: bool) -> Any:
     """The model's tokenizer; None when it has none and nothing needs one (it is then not saved)."""
     from tunelab.models.builtin import builtin_tokenizer
-
     from tunelab.models.load import is_tiny_builtin
 
     if is_tiny_builtin(model):
@@ -117,7 +115,6 @@ def _load_model(model: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.builtin import builtin_model
-
     from tunelab.models.gguf import is_gguf_path
     from tunelab.models.load import is_tiny_builtin, load_gguf_model
 

@@ -25,11 +25,10 @@ def inference_tokenizer(path: str) -> Any:
     """The tokenizer saved with a model (the bundled one for built-in bases), with a pad token."""
     from transformers import AutoTokenizer
 
+    from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
     from tunelab.models.builtin import builtin_tokenizer
     from tunelab.models.gguf import is_gguf_path
     from tunelab.models.load import ensure_pad_token, pretrained_tokenizer
-
-    from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
 
     if is_gguf_path(path):
         tok = pretrained_tokenizer(path, key="MODEL")
@@ -75,9 +74,8 @@ def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.builtin import builtin_model, builtin_tokenizer
-    from tunelab.models.load import load_mla_checkpoint, mla_checkpoint
-
     from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path
+    from tunelab.models.load import load_mla_checkpoint, mla_checkpoint
 
     if path.startswith("builtin:"):
         from tunelab.models.builtin import BUILTIN_MODELS
@@ -122,7 +120,7 @@ def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: 
     from tunelab.data.sources import iter_rows, resolve_source
     from tunelab.eval.generate import bleu, generate, rouge_l
     from tunelab.eval.perplexity import perplexity
-    from tunelab.recipe.schema import DataSource, DataSpec
+    from tunelab.specs import DataSource, DataSpec
 
     src = DataSource(source=data, format=fmt)  # type: ignore[arg-type]
     spec = DataSpec(train=[src], max_length=max_length, on_overflow="truncate", on_bad_row="skip")
@@ -239,8 +237,13 @@ def run_passkey_eval(model_path: str, lengths: str | Sequence[int] | None = None
                      depths: str | Sequence[float] = "0,0.25,0.5,0.75,1.0", trials: int = 5, seed: int = 42,
                      output: str | Path | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Passkey retrieval accuracy by prompt length x depth; prints a table, writes passkey.json and passkey.png."""
-    from tunelab.eval.passkey import (DEFAULT_MAX_NEW_TOKENS, format_passkey_table, passkey_grid, passkey_min_length,
-                                      plot_passkey)
+    from tunelab.eval.passkey import (
+        DEFAULT_MAX_NEW_TOKENS,
+        format_passkey_table,
+        passkey_grid,
+        passkey_min_length,
+        plot_passkey,
+    )
 
     lengths_ = parse_lengths("256,512,1024" if lengths is None else lengths)
     depths_ = parse_depths(depths)
@@ -349,7 +352,7 @@ def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int
     """Pairwise accuracy and mean margin of a reward model on preference pairs."""
     from tunelab.data.pipeline import encode_source
     from tunelab.methods.reward import pairwise
-    from tunelab.recipe.schema import DataSource, DataSpec
+    from tunelab.specs import DataSource, DataSpec
 
     src = DataSource(source=data, format="preference")
     spec = DataSpec(train=[src], max_length=max_length, on_overflow="truncate", on_bad_row="skip")

@@ -239,7 +239,7 @@ def test_rerunning_a_lock_whose_chat_template_differs_says_so(tmp_path, capsys):
 ])
 def test_tool_and_reasoning_fields_are_checked_per_row(messages, why):
     from tunelab.data.formats import BadRow, to_canonical
-    from tunelab.recipe.schema import DataSource
+    from tunelab.specs import DataSource
 
     with pytest.raises(BadRow, match=why):
         to_canonical({"messages": messages}, DataSource(source="x.jsonl"))
@@ -248,7 +248,7 @@ def test_tool_and_reasoning_fields_are_checked_per_row(messages, why):
 def test_canonical_messages_carry_only_the_keys_a_message_has():
     """Llama 3.1's template tests `'tool_calls' in message`: an absent key must stay absent."""
     from tunelab.data.formats import to_canonical
-    from tunelab.recipe.schema import DataSource
+    from tunelab.specs import DataSource
 
     row = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "thinking": "t"}],
            "tools": [{"type": "function", "function": {"name": "f"}}]}

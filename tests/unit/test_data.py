@@ -10,7 +10,7 @@ from tunelab.data.pipeline import build_datasets, encode_source, mix
 from tunelab.data.sources import iter_local, resolve_source
 from tunelab.errors import DataError
 from tunelab.models.builtin import builtin_tokenizer
-from tunelab.recipe.schema import DataSource, DataSpec
+from tunelab.specs import DataSource, DataSpec
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ def test_models_load_reads_a_converted_dir_in_the_asked_dtype(converted):
     from tunelab.evaluate import load_for_inference
     from tunelab.models.load import load_model
     from tunelab.patches.mla import load_mla_model
-    from tunelab.recipe.schema import ModelSpec, QuantizationSpec
+    from tunelab.specs import ModelSpec, QuantizationSpec
 
     reference = load_mla_model(converted)
     model = load_model(ModelSpec(path=str(converted), dtype="float32"))

@@ -10,7 +10,7 @@ import torch
 from tunelab.evaluate import load_for_inference, run_merge
 from tunelab.models.builtin import builtin_model, builtin_tokenizer
 from tunelab.models.peft import apply_peft
-from tunelab.recipe.schema import LoraSpec
+from tunelab.specs import LoraSpec
 
 IDS = torch.tensor([[1, 100, 200, 300, 400, 2, 17, 99]])
 
@@ -78,7 +78,7 @@ def test_qlora_base_is_really_4bit():
     import bitsandbytes as bnb
 
     from tunelab.models.load import load_model
-    from tunelab.recipe.schema import ModelSpec, QuantizationSpec
+    from tunelab.specs import ModelSpec, QuantizationSpec
 
     model = load_model(ModelSpec(path="builtin:tiny-llama"), QuantizationSpec(compute_dtype="float32"),
                        full_finetune=False)

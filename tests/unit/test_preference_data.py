@@ -10,7 +10,7 @@ from tunelab.data.pipeline import encode_source
 from tunelab.data.tokenize import encode_pair
 from tunelab.errors import DataError
 from tunelab.models.builtin import builtin_tokenizer
-from tunelab.recipe.schema import DataSource, DataSpec
+from tunelab.specs import DataSource, DataSpec
 
 U = {"role": "user", "content": "What is 2 plus 2?"}
 GOOD_A = {"role": "assistant", "content": "2 plus 2 is 4."}

@@ -236,7 +236,7 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
 
 def data_fingerprints(recipe: Any) -> list[dict[str, Any]]:
     """Fingerprints of every train and eval source and of patches' calibration data, for the lock file."""
-    from tunelab.recipe.schema import DataSource
+    from tunelab.specs import DataSource
 
     out = []
     for split, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):

@@ -36,7 +36,7 @@ def text_token_ids(data: str, tokenizer: Any, fmt: str = "text", max_tokens: int
     """The token ids of a data source's texts, EOS-separated, read only as far as ``max_tokens`` needs."""
     from tunelab.data.formats import BadRow, convert
     from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.recipe.schema import DataSource
+    from tunelab.specs import DataSource
 
     if fmt not in TEXT_FORMATS:
         raise UserError(Problem("--format", f"{fmt!r} cannot be read as running text", "use " + "|".join(TEXT_FORMATS)))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import Problem, RecipeError
-from tunelab.recipe.schema import ZERO_STAGES
+from tunelab.specs import ZERO_STAGES
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe

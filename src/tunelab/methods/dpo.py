@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from tunelab.specs import Strict
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -31,10 +33,9 @@ DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 
 
-class DPOMethod(BaseModel):
+class DPOMethod(Strict):
     """Preference optimisation against a frozen reference: DPO (sigmoid), IPO and TRL's other pairwise losses."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: Literal["dpo"]
     loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description="one loss, or several combined with loss_weights")

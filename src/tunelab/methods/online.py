@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from tunelab.rewards import RewardSpec
+from tunelab.specs import Strict
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
 
-class OnlineRLFields(BaseModel):
+class OnlineRLFields(Strict):
     """Fields every online RL method has: rewards and how completions are sampled."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     rewards: list[RewardSpec] = Field(min_length=1, description="reward functions and/or reward models, weighted")
     max_completion_length: int = Field(64, ge=1, description="tokens generated per completion at most")
@@ -107,10 +107,10 @@ def completion_mask(completions: Any, stops: list[int], pad: int) -> Any:
 
 def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
     """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
+    import torch
+
     from tunelab.eval.progress import progress
     from tunelab.rewards.compute import build_rewards, score_all
-
-    import torch
 
     m = recipe.method
     funcs = build_rewards(m.rewards)

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from tunelab.specs import Strict
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
 
-class RewardMethod(BaseModel):
+class RewardMethod(Strict):
     """A reward model: -log σ(r(x,y+) - r(x,y-) - margin) on preference pairs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: Literal["reward"]
     center_rewards_coefficient: float | None = Field(None, ge=0, description="pull rewards toward zero mean")

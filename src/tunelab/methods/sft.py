@@ -17,16 +17,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from tunelab.specs import Strict
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
 
-class SFTMethod(BaseModel):
+class SFTMethod(Strict):
     """Supervised fine-tuning: next-token loss on assistant (or completion) tokens."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: Literal["sft"]
     loss_type: Literal["nll", "dft"] = Field("nll", description="nll, or dft (dynamic fine-tuning)")

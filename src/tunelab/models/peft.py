@@ -13,7 +13,7 @@ from typing import Any
 
 def quantization_of(recipe: Any) -> Any:
     """The quantization block that applies: ``peft`` (qlora, default 4-bit nf4) or ``model``."""
-    from tunelab.recipe.schema import QuantizationSpec
+    from tunelab.specs import QuantizationSpec
 
     p = recipe.peft
     if p is not None and p.method == "qlora":

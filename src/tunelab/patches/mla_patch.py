@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from tunelab.errors import DataError, Problem
+from tunelab.specs import Strict
 
 # the model types MLA conversion handles (tunelab.patches.mla reads them from here: this module has no torch)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -30,10 +31,9 @@ CALIBRATION_FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_complet
 EAGER_OR_SDPA = ("eager", "sdpa")
 
 
-class MlaPatch(BaseModel):
+class MlaPatch(Strict):
     """Convert every attention layer to multi-head latent attention (MLA): a small cached latent per token."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: Literal["mla"]
     kv_lora_rank: int = Field(ge=1, description="size of the cached latent c_KV per token per layer; at most "
@@ -155,7 +155,7 @@ def detect_calibration_format(row: Any) -> str | None:
 
 def _calibration_source(spec: MlaPatch, key: Keys, row: Any) -> Any:
     """The DataSource that reads calibration rows, its format given or taken from ``row``."""
-    from tunelab.recipe.schema import DataSource
+    from tunelab.specs import DataSource
 
     fmt = spec.calibration_format or detect_calibration_format(row)
     if fmt is None:
@@ -168,7 +168,7 @@ def _calibration_source(spec: MlaPatch, key: Keys, row: Any) -> Any:
 
 def _reader(spec: MlaPatch) -> Any:
     """A DataSource to read the calibration rows with (a hub dataset's split "train", no config)."""
-    from tunelab.recipe.schema import DataSource
+    from tunelab.specs import DataSource
 
     return DataSource(source=spec.calibration_data or "", format=spec.calibration_format or "text")
 

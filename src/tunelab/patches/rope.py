@@ -40,9 +40,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from tunelab.errors import Problem
+from tunelab.specs import Strict
 
 if TYPE_CHECKING:
     import torch
@@ -51,10 +52,9 @@ RopeMethod = Literal["linear", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn"]
 RAMP_METHODS = ("ntk_by_parts", "yarn")
 
 
-class RopePatch(BaseModel):
+class RopePatch(Strict):
     """Extend the context of a RoPE model by a factor (or to a target length)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: Literal["rope"]
     method: RopeMethod = Field(description="linear (PI) | ntk | dynamic_ntk | ntk_by_parts | yarn")

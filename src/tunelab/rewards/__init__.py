@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from tunelab.errors import Problem, closest
 from tunelab.rewards.builtin import BUILTIN_REWARDS
+from tunelab.specs import Strict
 
 BuiltinName = Literal["accuracy", "numeric", "format", "length", "think_answer"]
 FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -41,10 +42,9 @@ BUILTIN_PARAMS = ("column", "pattern", "target")
 DEFAULT_COLUMN = "answer"
 
 
-class RewardSpec(BaseModel):
+class RewardSpec(Strict):
     """One reward: a built-in (``name``), a user function (``function``) or a reward model (``model``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     name: BuiltinName | None = Field(None, description="a built-in reward: " + ", ".join(BUILTIN_REWARDS))
     function: str | None = Field(None, description="a user reward function, 'package.module:function'")

