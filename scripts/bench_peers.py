@@ -400,13 +400,12 @@ def run_llamafactory(a: argparse.Namespace, out: Path) -> tuple[dict, object]:
 
 def run_axolotl(a: argparse.Namespace, out: Path) -> tuple[dict, object]:
     """axolotl's train entry point (``axolotl.cli.train.do_train``) on a config written to OUT/axolotl.yaml."""
-    import yaml
-    from transformers import AutoTokenizer
-
     import axolotl.train
+    import yaml
     from axolotl.cli.args import TrainerCliArgs
     from axolotl.cli.config import load_cfg
     from axolotl.cli.train import do_train
+    from transformers import AutoTokenizer
 
     if a.packing == "packing":
         raise SystemExit("axolotl has no packing with attention across examples on sdpa: use --packing neat "

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def recipe_for(method: str, out: str, steps: int, batch: int, length: int):
     from tunelab.recipe.load import load_recipe
 
-    overrides = [f"model.path=builtin:tiny-llama", f"train.output_dir={out}", f"train.max_steps={steps}",
+    overrides = ["model.path=builtin:tiny-llama", f"train.output_dir={out}", f"train.max_steps={steps}",
                  f"train.batch_size={batch}", f"method.max_completion_length={length}", "train.save_steps=100000",
                  "train.report_to=[none]", "train.logging_steps=1"]
     if method == "grpo":
@@ -51,14 +51,14 @@ def data(recipe):
 def time_tunelab(method: str, steps: int, batch: int, length: int) -> float:
     from transformers import set_seed
 
-    from tunelab.methods import method_module
+    from tunelab.methods import method_of
     from tunelab.models.builtin import builtin_model
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_for(method, tmp, steps, batch, length)
         tok, train = data(recipe)
         set_seed(0)
-        trainer = method_module(recipe.method).build_trainer(recipe, builtin_model("tiny-llama"), tok, train, None, [])
+        trainer = method_of(recipe.method).build_trainer(recipe, builtin_model("tiny-llama"), tok, train, None, [])
         start = time.perf_counter()
         trainer.train()
         return time.perf_counter() - start
@@ -68,7 +68,7 @@ def time_trl_grpo(steps: int, batch: int, length: int) -> float:
     from transformers import set_seed
     from trl import GRPOTrainer
 
-    from tunelab.methods.grpo import trl_config
+    from tunelab.methods import METHODS
     from tunelab.models.builtin import builtin_model
 
     def accuracy(prompts, completions, answer, **kwargs):
@@ -80,7 +80,7 @@ def time_trl_grpo(steps: int, batch: int, length: int) -> float:
         tok, train = data(recipe)
         tok.padding_side = "left"
         set_seed(0)
-        trainer = GRPOTrainer(model=builtin_model("tiny-llama"), reward_funcs=[accuracy], args=trl_config(recipe),
+        trainer = GRPOTrainer(model=builtin_model("tiny-llama"), reward_funcs=[accuracy], args=METHODS["grpo"].trl_config(recipe),
                               train_dataset=train.remove_columns(["prompt_ids"]), processing_class=tok)
         start = time.perf_counter()
         trainer.train()

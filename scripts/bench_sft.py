@@ -98,7 +98,9 @@ def side_trl(n: int, epochs: float, out: str) -> dict:
 def side_tunelab(n: int, epochs: float, out: str, extra: list[str] = ()) -> dict:
     """tunelab's SFT path: its data pipeline and trainer, from the quickstart recipe."""
     from tunelab.data.pipeline import build_datasets
-    from tunelab.methods.sft import build_trainer
+    from tunelab.methods import METHODS
+
+    build_trainer = METHODS["sft"].build_trainer
     from tunelab.models.builtin import builtin_model, builtin_tokenizer
     from tunelab.recipe.load import load_recipe
 

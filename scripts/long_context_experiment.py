@@ -32,7 +32,7 @@ def patch_of(method: str, original: int, factor: int) -> list[dict]:
 
 
 def load(path: str, method: str, original: int, factor: int):  # noqa: ANN201
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
     from tunelab.patches.rope import RopePatch, apply_rope
 
     model, tok = load_for_inference(path)

@@ -33,7 +33,6 @@ CODE_MODULES = ("argparse", "typing")
 def documents(tok, length: int, prose: int, code: int) -> list[dict]:  # noqa: ANN001
     """``prose`` documents cut from the pydoc topics, then ``code`` standard-library modules, each ``length`` tokens."""
     import importlib
-
     import pydoc_data.topics as topics
 
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
@@ -121,7 +120,7 @@ def main() -> None:
 
     from tunelab.eval.long_context import plot_ppl_vs_length, prefix_ppl
     from tunelab.eval.passkey import passkey_grid, plot_passkey
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
 
     torch.manual_seed(0)
     out = Path(args.out)

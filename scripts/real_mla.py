@@ -70,7 +70,7 @@ def main() -> None:
 
     from tunelab.eval.kv_cache import kv_cache_report
     from tunelab.eval.long_context import ppl_vs_length
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
 
     torch.manual_seed(0)
     out = REPO / args.out

@@ -121,7 +121,7 @@ _BASE: dict[str, Any] = {}
 
 def base_model() -> tuple[Any, Any]:
     if "model" not in _BASE:
-        from tunelab.evaluate import load_for_inference
+        from tunelab.models.inference import load_for_inference
 
         _BASE["model"], _BASE["tok"] = load_for_inference(BASE_MODEL)
     return _BASE["model"], _BASE["tok"]
@@ -131,7 +131,7 @@ def trained_model(run_dir: Path) -> tuple[Any, Any]:
     """The run's final/: a LoRA adapter goes onto a copy of the cached base, a full model loads as saved."""
     import copy
 
-    from tunelab.evaluate import inference_tokenizer, load_for_inference
+    from tunelab.models.inference import inference_tokenizer, load_for_inference
 
     final = run_dir / "final"
     cfg = final / "adapter_config.json"
@@ -253,7 +253,7 @@ def pair_lengths(recipe: Any, n: int) -> list[tuple[int, int]] | None:
     """Token counts of chosen / rejected in the held-out pairs (for per-token shares); None if they do not line up."""
     try:
         from tunelab.data.pipeline import encode_source
-        from tunelab.evaluate import inference_tokenizer
+        from tunelab.models.inference import inference_tokenizer
 
         tok = inference_tokenizer(BASE_MODEL)
         rows, _ = encode_source(recipe.data.eval[0], "eval", tok, recipe.data)

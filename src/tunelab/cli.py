@@ -100,7 +100,7 @@ def _show_distributed(recipe, num_processes: int) -> None:  # noqa: ANN001
 
     import yaml
 
-    from tunelab.launch.config import accelerate_config, deepspeed_config, zero_stage
+    from tunelab.distributed.config import accelerate_config, deepspeed_config, zero_stage
 
     if num_processes < 1:
         raise UserError(Problem("--show-distributed", "needs a process count of at least 1"))
@@ -156,7 +156,13 @@ def eval_(
                                                    "else ./eval-TASK)", rich_help_panel=LONG)] = None,
 ) -> None:
     """Perplexity (--generate: BLEU/ROUGE-L), reward accuracy, passkey retrieval, ppl vs length, KV-cache size."""
-    from tunelab.evaluate import run_eval, run_kv_cache_eval, run_passkey_eval, run_ppl_vs_length_eval, run_reward_eval
+    from tunelab.eval.commands import (
+        run_eval,
+        run_kv_cache_eval,
+        run_passkey_eval,
+        run_ppl_vs_length_eval,
+        run_reward_eval,
+    )
 
     if task not in TASKS:
         _fail(UserError(Problem("--task", f"unknown task {task!r}", "use " + ", ".join(TASKS))))
@@ -196,7 +202,7 @@ def generate_(
     num_beams: Annotated[int, typer.Option()] = 1,
 ) -> None:
     """Generate a reply to PROMPT through the model's chat template."""
-    from tunelab.evaluate import run_generate
+    from tunelab.eval.commands import run_generate
 
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams)
     _guard(run_generate, model, prompt, system, gen)
@@ -208,7 +214,7 @@ def merge(
     output: Annotated[Path, typer.Option("-o", "--output", help="where to save the merged model")],
 ) -> None:
     """Fold a LoRA/DoRA adapter into its base (W + B A * alpha / r) and save a standalone model."""
-    from tunelab.evaluate import run_merge
+    from tunelab.models.inference import run_merge
 
     _guard(run_merge, source, output)
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from tunelab.errors import Problem, UserError
+from tunelab.log import say
 
 # MlaPatch field -> the option of `tunelab convert mla` that sets it ("" = the model argument)
 CONVERT_OPTIONS = {"": "MODEL", "kv_lora_rank": "--kv-lora-rank", "rope_dim": "--rope-dim",
@@ -23,10 +24,6 @@ CONVERT_OPTIONS = {"": "MODEL", "kv_lora_rank": "--kv-lora-rank", "rope_dim": "-
                    "latent_norm": "--latent-norm", "calibration_data": "--calibration-data",
                    "calibration_format": "--calibration-format", "calibration_samples": "--calibration-samples",
                    "calibration_length": "--calibration-length"}
-
-
-def _say(msg: str) -> None:
-    print(f"[tunelab] {msg}", flush=True)
 
 
 def _option(field: str) -> str:
@@ -103,7 +100,7 @@ def _tokenizer(model: str, required: bool) -> Any:
         if required:
             raise UserError(Problem("MODEL", f"cannot load the tokenizer of {model!r}: {exc}"[:400],
                                     "--calibration-data is tokenized with the model's own tokenizer")) from None
-        _say(f"note: {model} has no tokenizer to load; the output will have none either")
+        say(f"note: {model} has no tokenizer to load; the output will have none either")
         return None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -149,7 +146,7 @@ def run_convert_mla(model: str, output: str | Path, kv_lora_rank: int, rope_dim:
                     calibration_samples: int = 32, calibration_length: int = 128,
                     device: str = "auto") -> dict[str, Any]:
     """Convert MODEL's attention to MLA and save it to ``output``; returns (and prints) a summary."""
-    from tunelab.evaluate import resolve_model_dir
+    from tunelab.models.inference import resolve_model_dir
     from tunelab.models.load import missing_local_model
     from tunelab.patches.mla_patch import calibration_problems, mla_config_problems
 
@@ -206,19 +203,19 @@ def run_convert_mla(model: str, output: str | Path, kv_lora_rank: int, rope_dim:
                "kv_cache_bytes_per_token_before": before, "kv_cache_bytes_per_token_after": after,
                "kv_cache_reduction": 1 - after / before, "reconstruction_error": error}
     rope = f"{spec.rope_dim} per KV head" if spec.rope_key == "per-head" else f"{spec.rope_dim} shared"
-    _say(f"converted {model} to MLA: kv_lora_rank {spec.kv_lora_rank}, RoPE dims {rope} (partial_rope "
+    say(f"converted {model} to MLA: kv_lora_rank {spec.kv_lora_rank}, RoPE dims {rope} (partial_rope "
          f"{spec.partial_rope}, svd {spec.svd}{', latent norm' if spec.latent_norm else ''})")
     print(f"KV cache per token ({summary['dtype']}): {before:,} -> {after:,} bytes ({100 * (1 - after / before):.1f}% "
           "smaller)")
     print(f"reconstruction error of [W_k_nope; W_v] (relative Frobenius, all layers): {error:.4f}")
-    _say(f"saved to {output}; fine-tune it with model.path: {output}, check it with "
+    say(f"saved to {output}; fine-tune it with model.path: {output}, check it with "
          f"`tunelab eval {output} --task kv-cache`")
     return summary
 
 
 def run_export_deepseek(model: str, output: str | Path, rope_layout: str = "interleaved") -> dict[str, Any]:
     """Export an MLA-converted model (dir or run) as a DeepSeek-V3 checkpoint; prints and returns the summary."""
-    from tunelab.evaluate import resolve_model_dir
+    from tunelab.models.inference import resolve_model_dir
     from tunelab.models.load import mla_checkpoint
 
     layouts = ("interleaved", "half-split")
@@ -241,6 +238,6 @@ def run_export_deepseek(model: str, output: str | Path, rope_layout: str = "inte
         summary = export_deepseek(p, output, rope_layout=rope_layout)
     except ValueError as exc:  # the model cannot be exported: the message names the conversion option to change
         raise UserError(Problem("MODEL", str(exc))) from None
-    _say(f"exported {path} as DeepSeek-V3 to {output}")
+    say(f"exported {path} as DeepSeek-V3 to {output}")
     print(json.dumps(summary, indent=2, default=str))
     return summary

@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.errors import Problem, UserError
+from tunelab.methods import method_of
 
 GIB = 2**30
 FIT_FRACTION = 0.9  # of the GPU's memory: room for the CUDA context, fragmentation, transient buffers
@@ -368,22 +369,6 @@ def parse_memory(text: str) -> float:
     return float(m.group(1)) * scale
 
 
-def _sequence(recipe: Any, seq_len: int | None) -> tuple[int, int, list[str]]:
-    """(rows per forward, tokens per row, notes) of the trained model's forward."""
-    method = recipe.method.name
-    b, s = recipe.train.batch_size, seq_len or recipe.data.max_length
-    notes = []
-    if method in ("dpo", "reward"):
-        b *= 2
-        notes.append(f"{method}: chosen and rejected in one forward: {b} rows of up to {s} tokens")
-    if method in ("grpo", "ppo"):
-        s = (seq_len or recipe.data.max_length) + recipe.method.max_completion_length
-        if method == "ppo":
-            b = max(1, recipe.train.batch_size // recipe.method.num_minibatches)
-        notes.append(f"{method}: rows are prompt (max_length) + max_completion_length = {s} tokens, {b} per forward")
-    return b, s, notes
-
-
 def estimate(recipe: Any, gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: int | None = None,
              gpu: bool = True, config: Any = None) -> Plan:
     """The per-GPU memory of every strategy for ``recipe`` and the cheapest that fits (no weights loaded)."""
@@ -396,9 +381,8 @@ def estimate(recipe: Any, gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: 
                                 "(a hub id not in the local cache offline, or a run that has not been trained yet)",
                                 "download the model once (huggingface-cli download ID config.json), or point "
                                 "model.path at a directory with a config.json"))
-    from tunelab.methods import method_module
-
-    head = getattr(method_module(recipe.method), "MODEL_HEAD", "causal")
+    method = method_of(recipe.method)
+    head = method.model_head
     peft = recipe.peft
     full = peft is None
     wdtype = weight_dtype(recipe.model, full, gpu)
@@ -408,53 +392,40 @@ def estimate(recipe: Any, gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: 
     act = 2 if mixed else wbytes
     ckpt = recipe.model.gradient_checkpointing
     quant = quantization_of(recipe)
-    b, s, notes = _sequence(recipe, seq_len)
-    tokens = float(b * s)
     shape = model_shape(config, head)
+    terms = method.memory_terms(recipe, seq_len or recipe.data.max_length, shape.vocab)
+    b, s, notes = terms.rows, terms.tokens, list(terms.notes)
+    tokens = float(b * s)
     dist = getattr(recipe, "distributed", None)
     optim = recipe.train.optim
-    method = recipe.method.name
-    fused = False
-    if method == "sft":
-        from tunelab.methods.sft import FUSED_HEAD_MIN_LOGIT_BYTES
 
-        fused = recipe.train.batch_size * s * shape.vocab * 4 >= FUSED_HEAD_MIN_LOGIT_BYTES
-        if fused:
-            notes.append("sft: logits over FUSED_HEAD_MIN_LOGIT_BYTES per micro batch: TRL's chunked LM head "
-                         "keeps none (not measured)")
+    reward_configs: dict[str, Any] = {}  # frozen reward models (ppo), read once
+    for path in terms.reward_models:
+        reward_configs[path] = load_config(recipe.model.model_copy(update={"path": path, "revision": None}))
+        if reward_configs[path] is None:
+            notes.append(f"reward model {path}: config not readable here, not counted")
 
     def build(deepspeed: bool, ckpt_: bool = ckpt, tokens_: float = tokens) -> tuple[list[Component], float]:
         comps: list[Component] = []
         # DeepSpeed under bf16/fp16 holds the model in 16 bits (adapters too) and the fp32 master copy in the optimizer
         wb, ab = (2, 2) if deepspeed and mixed else (wbytes, 4)
-        policy, rec = model_component("policy" if method in ("ppo", "grpo", "dpo") else "model", shape, wb, peft,
-                                      quant, True, optim, deepspeed, tokens_, act, ckpt_, not fused, ab)
+        policy, rec = model_component(terms.trained, shape, wb, peft, quant, True, optim, deepspeed, tokens_, act,
+                                      ckpt_, terms.full_logits, ab)
         comps.append(policy)
-        m = recipe.method
-        if method in ("dpo", "grpo", "ppo"):
-            needs_ref = getattr(m, "reference", None) or (peft is None and not getattr(m, "precompute_ref_log_probs",
-                                                                                          False))
-            if method == "grpo" and getattr(m, "beta", 0.0) == 0:
-                needs_ref = False
-            if needs_ref:
-                ref_bytes = min(wb, DTYPE_BYTES[weight_dtype(recipe.model, True, gpu)])
-                comps.append(model_component("reference", shape, ref_bytes, None, None, False, optim, deepspeed, 0,
-                                             act, ckpt_)[0])
-        if method == "ppo":
+        if terms.reference:
+            ref_bytes = min(wb, DTYPE_BYTES[weight_dtype(recipe.model, True, gpu)])
+            comps.append(model_component("reference", shape, ref_bytes, None, None, False, optim, deepspeed, 0,
+                                         act, ckpt_)[0])
+        if terms.critic:
             critic_shape = model_shape(config, "score")
             critic, rec_c = model_component("critic", critic_shape, wb, peft, quant, True, optim, deepspeed,
                                             tokens_, act, ckpt_, logits=False, abytes=ab)
             comps.append(critic)
             rec += rec_c
-            for r in m.rewards:
-                if not r.model:
-                    continue
-                rspec = recipe.model.model_copy(update={"path": r.model, "revision": None})
-                rconf = load_config(rspec)
-                if rconf is None:
-                    notes.append(f"reward model {r.model}: config not readable here, not counted")
-                    continue
-                comps.append(model_component(f"reward model {r.model}", model_shape(rconf, "score"), wb, None,
+        for path in terms.reward_models:
+            rconf = reward_configs.get(path)
+            if rconf is not None:
+                comps.append(model_component(f"reward model {path}", model_shape(rconf, "score"), wb, None,
                                              None, False, optim, deepspeed, 0, act, ckpt_)[0])
         return comps, rec
 
@@ -467,16 +438,17 @@ def estimate(recipe: Any, gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: 
         table.append(partition(comps, strategy, "none", n, largest, rec))
         if strategy in ("zero2", "zero3", "fsdp2"):
             table.append(partition(comps, strategy, "cpu", n, largest, rec))
-    if method == "ppo":  # rollouts generate with the whole policy on every rank (methods/ppo/trainer.py)
-        table = [e for e in table if not e.strategy.startswith(("zero3", "fsdp2"))]
-        notes.append("ppo: zero3 and fsdp2 are not supported (rollouts need the whole policy on every rank)")
+    if method.refused_strategies:
+        table = [e for e in table if e.strategy.split("+")[0] not in method.refused_strategies]
+        notes.append(f"{method.name}: {' and '.join(method.refused_strategies)} are not supported "
+                     "(rollouts need the whole policy on every rank)")
     components, _ = build(False)
     limit = gpu_memory * FIT_FRACTION
     by_name = {e.strategy: e for e in table}
     order = ("none",) + STRATEGY_ORDER[1:] if gpus == 1 else STRATEGY_ORDER
     fits = next((name for name in order if name in by_name and by_name[name].total <= limit), None)
     suggestions: list[str] = []
-    last = "zero3" if method != "ppo" else "zero2"
+    last = next(x for x in ("zero3", "zero2", "zero1") if x not in method.refused_strategies)
     if fits is None:
         comps, rec = build(True, True)
         z3 = partition(comps, last, "cpu", gpus, largest, rec)

@@ -8,7 +8,8 @@ module imports no torch, so a broken recipe is reported in well under a second.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -216,3 +217,34 @@ class DistributedSpec(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model a method block names besides the one it trains (a reference, a reward model, a critic)."""
+
+    key: str  # the dotted recipe key that names it, e.g. method.reference
+    path: str
+    role: Literal["reference", "reward model", "critic"]
+    head: Literal["causal", "score"]  # how it loads
+
+
+class MethodBlock(Strict):
+    """Base of every method's recipe block (the fields under ``method:``).
+
+    What a block's own fields decide lives here, so that the floors below ``methods`` (the
+    DeepSpeed config, model loading, patches) read it from ``recipe.method`` without importing
+    the method registry; what a method does is its ``methods.base.Method`` object.
+    """
+
+    name: str
+    model_head: ClassVar[Literal["causal", "score"]] = "causal"  # the head of the model it trains
+
+    def micro_batch(self, train: TrainSpec) -> tuple[int, int]:
+        """(micro batch per process, accumulation steps) as the training engine sees them."""
+        return train.batch_size, train.grad_accum
+
+    def model_refs(self) -> list[ModelRef]:
+        """The other models this block names, to check that they exist and load the way they must."""
+        return []
+

@@ -12,12 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import Problem, UserError
+from tunelab.log import say
+from tunelab.methods import method_of
 from tunelab.runs import RunDir, loss_summary, metrics_callback, plot_metrics
-
-
-def _say(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one voice when launched with several processes
-        print(f"[tunelab] {msg}", flush=True)
 
 
 def _cuda() -> bool:
@@ -51,14 +48,14 @@ def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]],
         return
     before_t = prov.get("chat_template") or {}
     if chat_template and before_t.get("sha256") and before_t.get("sha256") != chat_template.get("sha256"):
-        _say(f"warning: the chat template differs from the lock file's ({before_t.get('name')} sha256 "
+        say(f"warning: the chat template differs from the lock file's ({before_t.get('name')} sha256 "
              f"{before_t.get('sha256')} then, {chat_template.get('name')} sha256 {chat_template.get('sha256')} now): "
              "the same data renders to other tokens")
     old = {(d.get("split"), d.get("source")): d.get("sha256") for d in prov.get("data", [])}
     for d in fingerprints:
         before = old.get((d.get("split"), d.get("source")))
         if before and d.get("sha256") and before != d["sha256"]:
-            _say(f"warning: {d['source']} changed since the lock file was written (sha256 differs)")
+            say(f"warning: {d['source']} changed since the lock file was written (sha256 differs)")
 
 
 def distributed_strategy(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]) -> str:
@@ -125,7 +122,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
 
     loaded, notes = validate(recipe_path, overrides)
     for note in notes:
-        _say(note)
+        say(note)
     recipe = loaded.recipe
     if recipe.distributed.strategy == "fsdp2" and (problem := fsdp2_problem()):
         raise UserError(problem)
@@ -137,16 +134,16 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     run = RunDir(Path(recipe.train.output_dir))
     resume_from = resolve_resume(run, resume)
     universal, resume_notes = None, []
-    if resume_from is not None and recipe.method.name != "ppo":  # PPO checks its own checkpoints
-        from tunelab.launch.checkpoint import resume_plan
-        from tunelab.launch.config import zero_stage
+    method = method_of(recipe.method)
+    if resume_from is not None and not method.owns_checkpointing:  # a trainer of our own checks its checkpoints
+        from tunelab.distributed.config import zero_stage
+        from tunelab.distributed.zero_checkpoint import resume_plan
 
         universal, resume_notes = resume_plan(resume_from, zero_stage(recipe), int(os.environ.get("WORLD_SIZE", "1")))
 
     from transformers import set_seed
 
     from tunelab.data.pipeline import build_datasets, data_fingerprints
-    from tunelab.methods import method_module
     from tunelab.models.builtin import builtin_model
     from tunelab.models.load import load_model, load_tokenizer
     from tunelab.models.peft import apply_peft, quantization_of, uses_virtual_tokens
@@ -160,15 +157,14 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     template = choice_of(tokenizer)  # said by validate()
     train_ds, eval_ds, report = build_datasets(recipe, tokenizer)
     for line in report.lines():
-        _say(line)
+        say(line)
     run.data_report.write_text(json.dumps(report.to_dict(), indent=2))
     fingerprints = data_fingerprints(recipe)
     template_record = template.lock_record() if template.text else None
     check_lock_data(loaded.path, fingerprints, template_record)
     write_lock(run.lock, loaded, fingerprints, template_record)
 
-    module = method_module(recipe.method)
-    head = getattr(module, "MODEL_HEAD", "causal")
+    head = method.model_head
     model = load_model(recipe.model, quantization_of(recipe), full_finetune=recipe.peft is None, head=head)
     if head == "score":  # the reward head reads the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -180,7 +176,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         from tunelab.patches import apply_patches
 
         for record in apply_patches(model, recipe, tokenizer):
-            _say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
+            say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
     if recipe.peft is not None:
         if is_tiny_builtin(recipe.model.path):
             # plain peft must find the base weights: keep the (seeded, random) base beside the run
@@ -200,30 +196,30 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         model = apply_peft(model, recipe.peft, tokenizer, recipe.model.gradient_checkpointing, head=head)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        _say(f"peft {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters")
+        say(f"peft {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters")
         if uses_virtual_tokens(recipe.peft) and recipe.data.packing:
-            _say("packing is off: prefix/prompt tuning prepend virtual tokens to every row")
+            say("packing is off: prefix/prompt tuning prepend virtual tokens to every row")
             recipe.data.packing = False
 
     summary: dict[str, Any] = {"output_dir": str(run.root)}
     before = None
-    want_before = recipe.train.eval_before_train or getattr(module, "EVAL_BEFORE", False)
+    want_before = recipe.train.eval_before_train or method.eval_before
     if eval_ds is not None and want_before and resume_from is None:
-        before = module.evaluate(model, eval_ds, recipe, tokenizer)
+        before = method.evaluate(model, eval_ds, recipe, tokenizer)
         summary["eval_before"] = before
         if "perplexity" in before:
-            _say(f"eval perplexity before training: {before['perplexity']:.3f} ({before['tokens']} tokens)")
+            say(f"eval perplexity before training: {before['perplexity']:.3f} ({before['tokens']} tokens)")
         run.summary.write_text(json.dumps(summary, indent=2))
     elif resume_from is not None and run.summary.is_file():
         summary.update({k: v for k, v in json.loads(run.summary.read_text()).items() if k == "eval_before"})
         before = summary.get("eval_before")
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # read by transformers' callback
-    if recipe.distributed.strategy.startswith("zero") and hasattr(module, "trl_config"):
-        from tunelab.methods.common import deepspeed_process_group
+    if recipe.distributed.strategy.startswith("zero") and not method.owns_checkpointing:  # HF's Trainer
+        from tunelab.distributed.process_group import deepspeed_process_group
 
         deepspeed_process_group()
-    trainer = module.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
+    trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
     accelerator = trainer.accelerator  # transformers' Trainer and our PPO trainer both have one
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
@@ -231,27 +227,27 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
                            f"({accelerator.distributed_type.value}): each would train alone. Launch with `accelerate "
                            "launch --multi_gpu` (DDP; gloo without CUDA) or --use_deepspeed, not --cpu; or torchrun with "
                            "distributed.strategy set in the recipe")
-    from tunelab.launch.watchdog import connectivity_check
+    from tunelab.distributed.process_group import connectivity_check
 
     connectivity_check()  # every rank is in the group (a missing one is named) before any step runs
     # said out loud: a launch that meant N processes but formed none trains N separate copies
     summary["processes"] = accelerator.num_processes
     summary["distributed"] = accelerator.distributed_type.value
-    _say(f"{accelerator.num_processes} process(es), distributed: {accelerator.distributed_type.value}"
+    say(f"{accelerator.num_processes} process(es), distributed: {accelerator.distributed_type.value}"
          + (f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if summary["distributed"] == "DEEPSPEED" else ""))
     if universal is not None:
-        from tunelab.launch.checkpoint import load_universal, make_universal
+        from tunelab.distributed.zero_checkpoint import load_universal, make_universal
 
         for note in resume_notes:
-            _say(note)
+            say(note)
         if accelerator.is_main_process:
             make_universal(universal)
         accelerator.wait_for_everyone()
         load_universal(trainer)
     if resume_from is not None:
-        _say(f"resuming from {resume_from}")
+        say(f"resuming from {resume_from}")
     elif resume == "auto":
-        _say("no complete checkpoint to resume from: starting fresh")
+        say("no complete checkpoint to resume from: starting fresh")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     from tunelab.models.load import set_stop_tokens
@@ -265,23 +261,23 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         if gen is not None and not (run.final / "generation_config.json").is_file():
             gen.save_pretrained(str(run.final))  # an adapter dir too: the stop tokens travel with the result
         if stops:
-            _say(f"final/ stops generating at token ids {stops} ({', '.join(tokenizer.convert_ids_to_tokens(stops))})")
+            say(f"final/ stops generating at token ids {stops} ({', '.join(tokenizer.convert_ids_to_tokens(stops))})")
     summary["global_step"] = trainer.state.global_step
     metrics = run.read_metrics()
     for key, name in (("loss", "train_loss"), ("reward", "train_reward")):
         got = loss_summary(metrics, key)
         if got:
             summary[name] = got
-            _say(f"train {key}: first 10% of logged steps {got['first']:.4f} -> last 10% {got['last']:.4f} "
+            say(f"train {key}: first 10% of logged steps {got['first']:.4f} -> last 10% {got['last']:.4f} "
                  f"({got['logged_steps']} logged steps)")
     if eval_ds is not None:
         with gathered(model):  # ZeRO-3 leaves every rank a shard; evaluation runs the whole model
-            after = module.evaluate(model, eval_ds, recipe, tokenizer)
+            after = method.evaluate(model, eval_ds, recipe, tokenizer)
         summary["eval_after"] = after
-        lines, extra = module.report(before, after, recipe)
+        lines, extra = method.report(before, after, recipe)
         summary.update(extra)
         for line in lines:
-            _say(line)
+            say(line)
     if trainer.is_world_process_zero():
         plot_metrics(run)
         run.summary.write_text(json.dumps(summary, indent=2))
@@ -292,8 +288,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             (run.final / "README.md").write_text(model_card(recipe, summary, report.to_dict(), template_record,
                                                             stop_names, run.lock.read_text(encoding="utf-8")),
                                                  encoding="utf-8")
-    _say(f"done: {run.final}")
-    from tunelab.launch.watchdog import close_process_group
+    say(f"done: {run.final}")
+    from tunelab.distributed.process_group import close_process_group
 
     close_process_group()
     return summary

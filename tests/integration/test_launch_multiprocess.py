@@ -2,15 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-
-import shutil
-import sys
 
 import psutil
 import pytest

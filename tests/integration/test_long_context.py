@@ -45,7 +45,7 @@ def test_yarn_extends_the_tiny_model_four_times(run_cli, tmp_path, long_context_
                    env=dict(os.environ), cwd=tmp_path)
     import torch
 
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
 
     model, _ = load_for_inference(str(ext))
     ids = torch.arange(3, 515)[None] % 1400 + 3

@@ -74,7 +74,7 @@ def test_deepseek_form_heals_and_exports_to_stock_transformers(run_cli, tmp_path
                    env=dict(os.environ), cwd=tmp_path)
     import torch
 
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
 
     model, _ = load_for_inference(str(healed))
     ids = torch.arange(3, 131)[None] * 7 % 1400 + 3

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tunelab.evaluate import load_for_inference
+from tunelab.models.inference import load_for_inference
 
 
 @pytest.mark.slow

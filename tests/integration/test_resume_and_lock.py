@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, tunelab_cmd
 
 COMMON = ["--set", "train.max_steps=30", "--set", "train.save_steps=10", "--set", "train.logging_steps=1",

@@ -11,8 +11,14 @@ from __future__ import annotations
 import pytest
 from chat_cases import CONVERSATIONS, FAMILIES, SPECIAL, expected_mask
 
-from tunelab.data.templates import REGISTRY, ChatTemplateChoice, TemplateMismatch, apply_choice, choose_template, \
-    render_with_mask
+from tunelab.data.templates import (
+    REGISTRY,
+    ChatTemplateChoice,
+    TemplateMismatch,
+    apply_choice,
+    choose_template,
+    render_with_mask,
+)
 
 pytestmark = pytest.mark.real
 

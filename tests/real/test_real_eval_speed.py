@@ -17,8 +17,9 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 def test_eval_is_at_least_as_fast_as_the_training_forward_pass_and_shows_progress(smollm2_gguf, capsys):
     from tunelab.data.pipeline import build_datasets
     from tunelab.eval.perplexity import perplexity
-    from tunelab.methods.sft import build_trainer
-    from tunelab.methods.sft import evaluate as sft_evaluate
+    from tunelab.methods import METHODS
+
+    build_trainer, sft_evaluate = METHODS["sft"].build_trainer, METHODS["sft"].evaluate
     from tunelab.models.load import load_model, load_tokenizer
     from tunelab.models.peft import apply_peft
     from tunelab.recipe.load import load_recipe

@@ -41,7 +41,7 @@ def _in_format(replies) -> float:
 
 def test_lora_sft_learns_the_persona_format_and_stops_at_the_end_of_turn(smollm2_gguf, tmp_path, run_cli):
     from tunelab.data.sources import resolve_source
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
 
     path = resolve_source("builtin:real/persona_eval", "data.eval").path
     rows = [json.loads(x) for x in path.read_text().splitlines()][:12]

@@ -12,8 +12,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "real"))
 from chat_cases import expected_mask  # noqa: E402
 
-from tunelab.data.templates import ChatTemplateChoice, TemplateMismatch, apply_choice, choose_template, \
-    render_with_mask  # noqa: E402
+from tunelab.data.templates import (
+    ChatTemplateChoice,
+    TemplateMismatch,
+    apply_choice,
+    choose_template,
+    render_with_mask,  # noqa: E402
+)
 from tunelab.models.builtin import builtin_tokenizer  # noqa: E402
 
 CONVERSATION = [

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from tunelab.distributed.config import accelerate_config, deepspeed_config, distributed_problems, find_auto
 from tunelab.errors import RecipeError, UserError
-from tunelab.launch.config import accelerate_config, deepspeed_config, distributed_problems, find_auto
 from tunelab.recipe.load import load_recipe
 
 SFT = "recipes/quickstart/sft.yaml"
@@ -127,9 +127,11 @@ def test_schema_errors_name_the_key(sets, message):
 
 
 def test_ppo_refuses_zero3_before_training():
+    from tunelab.recipe.validate import validate
+
     with pytest.raises(UserError) as exc:
-        recipe("distributed.strategy=zero3", path="recipes/quickstart/ppo.yaml")
-    assert "method ppo runs under zero0..zero2" in exc.value.render()
+        validate("recipes/quickstart/ppo.yaml", ["distributed.strategy=zero3"])
+    assert "distributed.strategy" in exc.value.render() and "method ppo does not run under zero3" in exc.value.render()
 
 
 def test_accelerate_config():

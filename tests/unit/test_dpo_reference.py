@@ -4,7 +4,9 @@ import torch
 from datasets import Dataset
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from tunelab.methods.dpo import build_trainer
+from tunelab.methods import METHODS
+
+build_trainer = METHODS["dpo"].build_trainer
 from tunelab.models.builtin import builtin_model, builtin_tokenizer
 from tunelab.models.peft import apply_peft
 from tunelab.recipe.load import load_recipe

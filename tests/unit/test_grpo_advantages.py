@@ -23,7 +23,9 @@ def test_group_normalised_advantages(tmp_path, monkeypatch, scale: str) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     from tunelab.data.pipeline import build_datasets
-    from tunelab.methods.grpo import build_trainer
+    from tunelab.methods import METHODS
+
+    build_trainer = METHODS["grpo"].build_trainer
     from tunelab.models.builtin import builtin_model, builtin_tokenizer
     from tunelab.recipe.schema import Recipe
 

@@ -8,8 +8,15 @@ import subprocess
 import pytest
 
 from tunelab.errors import UserError
-from tunelab.launch.launcher import (Failure, Host, Rendezvous, hostfile_commands, parse_hostfile,
-                                     parse_torchrun_failure, torchrun_command)
+from tunelab.launch.launcher import (
+    Failure,
+    Host,
+    Rendezvous,
+    hostfile_commands,
+    parse_hostfile,
+    parse_torchrun_failure,
+    torchrun_command,
+)
 from tunelab.launch.slurm import SlurmJob, render_sbatch
 
 RECIPE = "recipes/quickstart/sft.yaml"

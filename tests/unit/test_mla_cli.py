@@ -155,7 +155,7 @@ def test_calibration_tokens_render_conversations_through_the_chat_template():
 
 
 def test_models_load_reads_a_converted_dir_in_the_asked_dtype(converted):
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
     from tunelab.models.load import load_model
     from tunelab.patches.mla import load_mla_model
     from tunelab.specs import ModelSpec, QuantizationSpec
@@ -194,7 +194,7 @@ train: {{output_dir: "{out}", max_steps: 2, learning_rate: 1.0e-3, batch_size: 2
 
 
 def test_train_with_the_mla_patch_saves_a_final_that_reloads(tmp_path, run_cli):
-    from tunelab.evaluate import run_eval
+    from tunelab.eval.commands import run_eval
 
     out = tmp_path / "run"
     recipe = tmp_path / "mla.yaml"
@@ -216,7 +216,7 @@ def test_train_with_the_mla_patch_saves_a_final_that_reloads(tmp_path, run_cli):
 
 
 def test_lora_on_a_converted_dir_trains_and_reloads(tmp_path, converted, run_cli):
-    from tunelab.evaluate import load_for_inference
+    from tunelab.models.inference import load_for_inference
 
     out = tmp_path / "heal"
     recipe = tmp_path / "heal.yaml"

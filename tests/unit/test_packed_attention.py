@@ -110,7 +110,7 @@ def test_sft_trainer_on_packed_rows_uses_it(tmp_path):
     from unittest import mock
 
     with mock.patch.object(sft, "trl_config", return_value=args):
-        built = sft.build_trainer(mock.Mock(), builtin_model("tiny-llama"), builtin_tokenizer(),
+        built = sft.SFT().build_trainer(mock.Mock(), builtin_model("tiny-llama"), builtin_tokenizer(),
                                   Dataset.from_list(rows), None, [])
     assert built.model.config._attn_implementation == attention.NAME
 

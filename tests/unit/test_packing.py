@@ -73,7 +73,9 @@ def test_sdpa_recipe_uses_row_collator(tmp_path):
     from datasets import Dataset
 
     from tunelab.data.collate import PackedRowsCollator
-    from tunelab.methods.sft import build_trainer
+    from tunelab.methods import METHODS
+
+    build_trainer = METHODS["sft"].build_trainer
     from tunelab.models.builtin import builtin_tokenizer
     from tunelab.recipe.load import load_recipe
 

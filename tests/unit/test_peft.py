@@ -1,14 +1,14 @@
 """PEFT: a fresh LoRA changes nothing, merging is exact, every PEFT method trains on CPU."""
 
 import json
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
-from tunelab.evaluate import load_for_inference, run_merge
 from tunelab.models.builtin import builtin_model, builtin_tokenizer
+from tunelab.models.inference import load_for_inference, run_merge
 from tunelab.models.peft import apply_peft
 from tunelab.specs import LoraSpec
 

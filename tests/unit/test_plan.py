@@ -174,8 +174,8 @@ def test_estimate_within_25_percent_of_measured(comparisons, case):
 
 def test_lora_trainable_count_is_exact():
     """The adapter count from shapes equals what PEFT builds (r(in + out) per targeted linear)."""
-    from tunelab.plan import adapter_params, model_shape
     from tunelab.models.builtin import builtin_config
+    from tunelab.plan import adapter_params, model_shape
 
     for target in ("all-linear", ["q_proj", "v_proj"]):
         recipe = load_recipe(REPO / "recipes/quickstart/sft-lora.yaml", ["peft.r=8"]).recipe
@@ -262,8 +262,8 @@ def measure_qlora_weights() -> tuple[float, float]:
             if qs.nested:
                 total += _bytes(qs.state2.absmax) + _bytes(qs.offset)
     est = next(e for e in estimate(recipe, gpu=False).estimates if e.strategy == "none").weights
-    from tunelab.plan import adapter_params, model_shape
     from tunelab.models.builtin import builtin_config
+    from tunelab.plan import adapter_params, model_shape
 
     est -= 4 * adapter_params(model_shape(builtin_config("tiny-llama")), recipe.peft)  # the base only
     return est, float(total)

@@ -29,11 +29,11 @@ def _trainer(tmp_path, method: str, overrides=()):
     recipe = load_recipe(f"recipes/quickstart/{method}.yaml", [
         "model.path=builtin:tiny-llama", f"train.output_dir={tmp_path}", "train.report_to=[none]",
         "data.eval=[]", *overrides]).recipe
-    from tunelab.methods import method_module
+    from tunelab.methods import method_of
 
-    module = method_module(recipe.method)
-    model = builtin_model("tiny-llama", head=module.MODEL_HEAD)
-    if module.MODEL_HEAD == "score":
+    module = method_of(recipe.method)
+    model = builtin_model("tiny-llama", head=module.model_head)
+    if module.model_head == "score":
         model.config.pad_token_id = 0
     return module.build_trainer(recipe, model, builtin_tokenizer(), _pairs(), None, []), recipe
 

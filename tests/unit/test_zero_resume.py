@@ -1,4 +1,4 @@
-"""Which checkpoints a run can resume (tunelab.launch.checkpoint), on hand-made checkpoint folders.
+"""Which checkpoints a run can resume (tunelab.distributed.zero_checkpoint), on hand-made checkpoint folders.
 
 The folders carry only what the check reads: ``latest``, and the engine's model-states file with
 its ``ds_config`` and ``dp_world_size`` (as DeepSpeed writes them). The real conversion and loads
@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
+from tunelab.distributed.zero_checkpoint import make_universal, read_zero_checkpoint, resume_plan
 from tunelab.errors import UserError
-from tunelab.launch.checkpoint import make_universal, read_zero_checkpoint, resume_plan
 
 
 def _checkpoint(root, stage: int | None, world: int = 2, step: int = 2):

@@ -1,31 +1,21 @@
-"""The METHODS registry: recipe ``method.name`` -> the pydantic block of that method.
+"""The METHODS registry: recipe ``method.name`` -> the ``Method`` object that trains it (``methods/base.py``).
 
-Each method lives in one module that holds its recipe block (a pydantic model, imported here,
-so it must not import torch at module level) and its ``build_trainer`` / ``trl_config``
-functions (heavy imports inside), ``ACCEPTED_FORMATS``, ``MODEL_HEAD`` (causal | score) and
-``evaluate`` / ``report`` for the held-out numbers printed after training, and optionally
-``check_recipe(recipe) -> list[Problem]`` for checks beyond the schema. A method without a TRL
-trainer (ppo) has no ``trl_config``.
-``method_module(spec)`` finds the module of a block.
+Adding a method: its module (recipe block + ``Method`` subclass), one line here, its tests and recipes.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from tunelab.methods.base import Method
+from tunelab.methods.dpo import DPO
+from tunelab.methods.grpo import GRPO
+from tunelab.methods.ppo import PPO
+from tunelab.methods.reward import Reward
+from tunelab.methods.sft import SFT
+from tunelab.specs import MethodBlock
 
-from pydantic import BaseModel
-
-from tunelab.methods.dpo import DPOMethod
-from tunelab.methods.grpo import GRPOMethod
-from tunelab.methods.ppo import PPOMethod
-from tunelab.methods.reward import RewardMethod
-from tunelab.methods.sft import SFTMethod
-
-METHODS: dict[str, type[BaseModel]] = {"sft": SFTMethod, "reward": RewardMethod, "dpo": DPOMethod,
-                                       "grpo": GRPOMethod, "ppo": PPOMethod}
+METHODS: dict[str, Method] = {m.name: m for m in (SFT(), Reward(), DPO(), GRPO(), PPO())}
 
 
-def method_module(spec: BaseModel) -> ModuleType:
-    """The module that trains a method block (``build_trainer``, ``trl_config``)."""
-    return importlib.import_module(type(spec).__module__)
+def method_of(block: MethodBlock) -> Method:
+    """The method that trains a recipe's ``method:`` block."""
+    return METHODS[block.name]

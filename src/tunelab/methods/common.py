@@ -6,28 +6,11 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from tunelab.distributed.config import deepspeed_config, fsdp_config, resolve_precision, zero_stage
+from tunelab.distributed.process_group import cuda_available, deepspeed_needs_gloo
+
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_precision(precision: str) -> str:
-    """auto -> bf16 on a GPU that supports it, else fp32 (CPU bf16 autocast is slow and lossy)."""
-    if precision != "auto":
-        return precision
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bf16"
-    except ImportError:  # pragma: no cover
-        pass
-    return "fp32"
 
 
 def training_arguments(recipe: "Recipe") -> dict[str, Any]:
@@ -54,7 +37,7 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         activation_checkpointing=recipe.model.gradient_checkpointing,
-        dataloader_pin_memory=_cuda(),
+        dataloader_pin_memory=cuda_available(),
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -68,29 +51,8 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
         save_only_model=False,
         remove_unused_columns=True,
         # several processes without CUDA: gloo, also under DeepSpeed (accelerate otherwise forms no group there)
-        ddp_backend="gloo" if not _cuda() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend="gloo" if not cuda_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-
-
-def deepspeed_needs_gloo() -> bool:
-    """DeepSpeed under a launcher (or train.py's one-process group) on a machine without CUDA (tests, CI)."""
-    return int(os.environ.get("LOCAL_RANK", "-1")) != -1 and not _cuda()
-
-
-def deepspeed_process_group() -> None:
-    """Form the DeepSpeed process group over gloo before the Trainer does (CPU only; see distributed_arguments).
-
-    transformers' TrainingArguments, given a DeepSpeed config, asks accelerate for a process group
-    without naming a backend, and accelerate finds none without CUDA: every rank would train alone.
-    """
-    if not deepspeed_needs_gloo():
-        return
-    from accelerate import PartialState
-    from accelerate.state import AcceleratorState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    AcceleratorState._reset_state(reset_partial_state=True)  # validate() built TrainingArguments: a state without a group
-    PartialState(backend="gloo")
 
 
 def distributed_arguments(recipe: "Recipe") -> dict[str, Any]:
@@ -98,8 +60,6 @@ def distributed_arguments(recipe: "Recipe") -> dict[str, Any]:
 
     The world size is the launcher's (WORLD_SIZE); DeepSpeed checks train_batch_size against it.
     """
-    from tunelab.launch.config import deepspeed_config, fsdp_config, zero_stage
-
     if zero_stage(recipe) is not None:
         args: dict[str, Any] = {"deepspeed": deepspeed_config(recipe, int(os.environ.get("WORLD_SIZE", "1")))}
         if deepspeed_needs_gloo():

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.specs import Strict
+from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
+from tunelab.specs import ModelRef
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -33,9 +34,8 @@ DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 
 
-class DPOMethod(Strict):
+class DPOBlock(TRLBlock):
     """Preference optimisation against a frozen reference: DPO (sigmoid), IPO and TRL's other pairwise losses."""
-
 
     name: Literal["dpo"]
     loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description="one loss, or several combined with loss_weights")
@@ -48,12 +48,15 @@ class DPOMethod(Strict):
                                            "and drop the reference from memory")
     trl: dict[str, Any] = Field(default_factory=dict, description="extra DPOConfig fields, validated before training")
 
+    def model_refs(self) -> list[ModelRef]:
+        return [ModelRef("method.reference", self.reference, "reference", "causal")] if self.reference else []
+
     @property
     def losses(self) -> list[str]:
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
     @model_validator(mode="after")
-    def _check(self) -> "DPOMethod":
+    def _check(self) -> "DPOBlock":
         if isinstance(self.loss_type, list) and not self.loss_type:
             raise ValueError("loss_type: give at least one loss")
         if self.loss_weights is not None:
@@ -65,44 +68,6 @@ class DPOMethod(Strict):
         if "exo_pair" in self.losses and self.label_smoothing == 0:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
         return self
-
-
-OWNED_TRL_FIELDS = {
-    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "max_length", "bf16", "fp16", "gradient_checkpointing",
-    "activation_checkpointing", "report_to", "logging_steps", "save_steps", "save_total_limit", "beta", "loss_type",
-    "loss_weights", "label_smoothing", "precompute_ref_log_probs",
-}
-ACCEPTED_FORMATS = ("preference",)
-MODEL_HEAD = "causal"
-
-
-def trl_config_class() -> type:
-    from trl import DPOConfig
-
-    return DPOConfig
-
-
-def trl_config(recipe: "Recipe", **extra: Any) -> Any:
-    """The DPOConfig of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
-    from trl import DPOConfig
-
-    from tunelab.methods.common import training_arguments
-
-    m: DPOMethod = recipe.method
-    kwargs = training_arguments(recipe)
-    kwargs.update(
-        max_length=recipe.data.max_length,  # the pipeline already fits every pair; the collator cuts nothing
-        beta=m.beta,
-        loss_type=m.losses,
-        loss_weights=m.loss_weights,
-        label_smoothing=m.label_smoothing,
-        precompute_ref_log_probs=m.precompute_ref_log_probs,
-        dataset_num_proc=None,
-    )
-    kwargs.update(m.trl)
-    kwargs.update(extra)
-    return DPOConfig(**kwargs)
 
 
 def dpo_trainer_class() -> type:
@@ -133,7 +98,7 @@ def load_reference(recipe: "Recipe", model: Any) -> Any:
 
     from tunelab.models.load import load_model
 
-    m: DPOMethod = recipe.method
+    m: DPOBlock = recipe.method
     if m.reference:
         spec = recipe.model.model_copy(update={"path": m.reference, "revision": None})
         ref = load_model(spec, None, full_finetune=True)
@@ -145,17 +110,6 @@ def load_reference(recipe: "Recipe", model: Any) -> Any:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
-
-
-def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
-    """A DPOTrainer over tunelab-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)."""
-    from tunelab.methods.common import atomic_checkpoints
-
-    args = trl_config(recipe)
-    ref = load_reference(recipe, model)
-    trainer_cls = atomic_checkpoints(dpo_trainer_class())
-    return trainer_cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                       processing_class=tokenizer, callbacks=callbacks)
 
 
 # ---- evaluation on held-out pairs -------------------------------------------------------------
@@ -191,34 +145,76 @@ def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[s
     return {"chosen": chosen, "rejected": rejected}
 
 
-def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
-    """Per-pair log π(chosen) and log π(rejected) on the eval pairs, and their mean difference."""
-    bs = recipe.train.eval_batch_size or recipe.train.batch_size
-    lp = pair_logps(model, eval_ds, bs, tokenizer.pad_token_id or 0)
-    n = len(lp["chosen"])
-    return {"pairs": n, "logp_chosen": lp["chosen"], "logp_rejected": lp["rejected"],
-            "mean_logratio": sum(c - r for c, r in zip(lp["chosen"], lp["rejected"])) / max(n, 1)}
+class DPO(TRLMethod):
+    """DPO, IPO and TRL's other pairwise losses on TRL's DPOTrainer, against a frozen reference."""
+
+    name = "dpo"
+    config = DPOBlock
+    formats = ("preference",)
+    eval_before = True  # the margin needs the starting model's log-probs
+
+    def trl_config_class(self) -> type:
+        from trl import DPOConfig
+
+        return DPOConfig
+
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+        m = recipe.method
+        assert isinstance(m, DPOBlock)
+        return dict(
+            max_length=recipe.data.max_length,  # the pipeline already fits every pair; the collator cuts nothing
+            beta=m.beta,
+            loss_type=m.losses,
+            loss_weights=m.loss_weights,
+            label_smoothing=m.label_smoothing,
+            precompute_ref_log_probs=m.precompute_ref_log_probs,
+            dataset_num_proc=None,
+        )
+
+    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+        m = recipe.method
+        assert isinstance(m, DPOBlock)
+        rows = 2 * recipe.train.batch_size
+        return MemoryTerms(rows=rows, tokens=tokens, trained="policy",
+                           reference=bool(m.reference) or (recipe.peft is None and not m.precompute_ref_log_probs),
+                           notes=[f"dpo: chosen and rejected in one forward: {rows} rows of up to {tokens} tokens"])
 
 
-def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
-    """Lines to print and summary entries: implicit-reward margin against the starting model, log-ratio change."""
-    out: dict[str, Any] = {"mean_logratio_after": after["mean_logratio"]}
-    lines = []
-    if before is not None:
-        beta = recipe.method.beta
-        margins = [beta * ((ac - bc) - (ar - br)) for ac, bc, ar, br in
-                   zip(after["logp_chosen"], before["logp_chosen"], after["logp_rejected"], before["logp_rejected"])]
-        out["mean_logratio_before"] = before["mean_logratio"]
-        out["implicit_reward_margin"] = sum(margins) / max(len(margins), 1)
-        out["implicit_reward_accuracy"] = sum(m > 0 for m in margins) / max(len(margins), 1)
-        ref = "the starting model" + (" (not method.reference)" if recipe.method.reference else " (the reference)")
-        lines.append(f"held-out implicit reward margin vs {ref}: {out['implicit_reward_margin']:+.4f} "
-                     f"(positive on {out['implicit_reward_accuracy']:.0%} of {after['pairs']} pairs)")
-        lines.append(f"held-out mean log π(chosen) - log π(rejected): {before['mean_logratio']:+.4f} (start) -> "
-                     f"{after['mean_logratio']:+.4f} (trained)")
-    else:
-        lines.append(f"held-out mean log π(chosen) - log π(rejected): {after['mean_logratio']:+.4f}")
-    return lines, out
 
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+        """A DPOTrainer over tunelab-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)."""
+        from tunelab.methods.common import atomic_checkpoints
 
-EVAL_BEFORE = True  # the margin needs the starting model's log-probs
+        args = self.trl_config(recipe)
+        ref = load_reference(recipe, model)
+        trainer_cls = atomic_checkpoints(dpo_trainer_class())
+        return trainer_cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                           processing_class=tokenizer, callbacks=callbacks)
+
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+        """Per-pair log π(chosen) and log π(rejected) on the eval pairs, and their mean difference."""
+        bs = recipe.train.eval_batch_size or recipe.train.batch_size
+        lp = pair_logps(model, eval_ds, bs, tokenizer.pad_token_id or 0)
+        n = len(lp["chosen"])
+        return {"pairs": n, "logp_chosen": lp["chosen"], "logp_rejected": lp["rejected"],
+                "mean_logratio": sum(c - r for c, r in zip(lp["chosen"], lp["rejected"])) / max(n, 1)}
+
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+        """Lines to print and summary entries: implicit-reward margin against the starting model, log-ratio change."""
+        out: dict[str, Any] = {"mean_logratio_after": after["mean_logratio"]}
+        lines = []
+        if before is not None:
+            beta = recipe.method.beta
+            margins = [beta * ((ac - bc) - (ar - br)) for ac, bc, ar, br in
+                       zip(after["logp_chosen"], before["logp_chosen"], after["logp_rejected"], before["logp_rejected"])]
+            out["mean_logratio_before"] = before["mean_logratio"]
+            out["implicit_reward_margin"] = sum(margins) / max(len(margins), 1)
+            out["implicit_reward_accuracy"] = sum(m > 0 for m in margins) / max(len(margins), 1)
+            ref = "the starting model" + (" (not method.reference)" if recipe.method.reference else " (the reference)")
+            lines.append(f"held-out implicit reward margin vs {ref}: {out['implicit_reward_margin']:+.4f} "
+                         f"(positive on {out['implicit_reward_accuracy']:.0%} of {after['pairs']} pairs)")
+            lines.append(f"held-out mean log π(chosen) - log π(rejected): {before['mean_logratio']:+.4f} (start) -> "
+                         f"{after['mean_logratio']:+.4f} (trained)")
+        else:
+            lines.append(f"held-out mean log π(chosen) - log π(rejected): {after['mean_logratio']:+.4f}")
+        return lines, out

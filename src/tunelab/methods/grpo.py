@@ -23,17 +23,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.methods.online import ACCEPTED_FORMATS, EVAL_BEFORE, OnlineRLFields, evaluate, report
+from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
+from tunelab.methods.online import OnlineRL, OnlineRLBlock
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
-__all__ = ["ACCEPTED_FORMATS", "EVAL_BEFORE", "GRPOMethod", "build_trainer", "evaluate", "report", "trl_config"]
-
 GRPOLoss = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 
 
-class GRPOMethod(OnlineRLFields):
+class GRPOBlock(OnlineRLBlock, TRLBlock):
     """Group relative policy optimisation on TRL's GRPOTrainer."""
 
     name: Literal["grpo"]
@@ -51,23 +50,13 @@ class GRPOMethod(OnlineRLFields):
     trl: dict[str, Any] = Field(default_factory=dict, description="extra GRPOConfig fields, validated before training")
 
     @model_validator(mode="after")
-    def _check(self) -> "GRPOMethod":
+    def _check(self) -> "GRPOBlock":
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError("epsilon_high is smaller than epsilon; it is the upper clip (1 + epsilon_high)")
         return self
 
 
-OWNED_TRL_FIELDS = {
-    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "bf16", "fp16", "gradient_checkpointing", "activation_checkpointing",
-    "report_to", "logging_steps", "save_steps", "save_total_limit", "num_generations", "beta", "epsilon",
-    "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "max_completion_length", "temperature",
-    "top_p", "reward_weights", "use_vllm", "mask_truncated_completions",
-}
-MODEL_HEAD = "causal"
-
-
-def use_vllm(m: GRPOMethod) -> bool:
+def use_vllm(m: GRPOBlock) -> bool:
     """vLLM for generation: asked for, or ``auto`` with vLLM importable and a CUDA GPU."""
     if m.generation != "auto":
         return m.generation == "vllm"
@@ -78,70 +67,76 @@ def use_vllm(m: GRPOMethod) -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def check_recipe(recipe: "Recipe") -> list[Any]:
-    """GRPO's batch arithmetic and generation backend, before any weights load."""
-    import importlib.util
+class GRPO(OnlineRL, TRLMethod):
+    """GRPO on TRL's GRPOTrainer with tunelab's reward functions and prompt-only data."""
 
-    from tunelab.errors import Problem
+    name = "grpo"
+    config = GRPOBlock
 
-    m: GRPOMethod = recipe.method
-    problems = []
-    completions = recipe.train.batch_size * recipe.train.grad_accum
-    if completions % m.num_generations:
-        problems.append(Problem("method.num_generations", f"train.batch_size x train.grad_accum = {completions} "
-                                f"completions is not a multiple of num_generations={m.num_generations}",
-                                "make batch_size x grad_accum a multiple of the group size"))
-    if m.generation == "vllm" and importlib.util.find_spec("vllm") is None:
-        problems.append(Problem("method.generation", "vllm is not installed", "pip install vllm, or use auto"))
-    return problems
+    def trl_config_class(self) -> type:
+        from trl import GRPOConfig
 
+        return GRPOConfig
 
-def trl_config_class() -> type:
-    from trl import GRPOConfig
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+        m = recipe.method
+        assert isinstance(m, GRPOBlock)
+        return dict(
+            num_generations=m.num_generations,
+            max_completion_length=m.max_completion_length,
+            temperature=m.temperature,
+            top_p=m.top_p,
+            beta=m.beta,
+            epsilon=m.epsilon,
+            epsilon_high=m.epsilon_high,
+            loss_type=m.loss_type,
+            scale_rewards=m.scale_rewards,
+            num_iterations=m.num_iterations,
+            mask_truncated_completions=m.mask_truncated_completions,
+            reward_weights=[r.weight for r in m.rewards],
+            use_vllm=use_vllm(m),
+            remove_unused_columns=False,  # extra columns go to the reward functions
+            eval_strategy="no",  # held-out evaluation is tunelab's own (methods/online.py)
+        )
 
-    return GRPOConfig
-
-
-def trl_config(recipe: "Recipe", **extra: Any) -> Any:
-    """The GRPOConfig of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
-    from trl import GRPOConfig
-
-    from tunelab.methods.common import training_arguments
-
-    m: GRPOMethod = recipe.method
-    kwargs = training_arguments(recipe)
-    kwargs.update(
-        num_generations=m.num_generations,
-        max_completion_length=m.max_completion_length,
-        temperature=m.temperature,
-        top_p=m.top_p,
-        beta=m.beta,
-        epsilon=m.epsilon,
-        epsilon_high=m.epsilon_high,
-        loss_type=m.loss_type,
-        scale_rewards=m.scale_rewards,
-        num_iterations=m.num_iterations,
-        mask_truncated_completions=m.mask_truncated_completions,
-        reward_weights=[r.weight for r in m.rewards],
-        use_vllm=use_vllm(m),
-        remove_unused_columns=False,  # extra columns go to the reward functions
-        eval_strategy="no",  # held-out evaluation is tunelab's own (methods/online.py)
-    )
-    kwargs.update(m.trl)
-    kwargs.update(extra)
-    return GRPOConfig(**kwargs)
+    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+        m = recipe.method
+        assert isinstance(m, GRPOBlock)
+        s = tokens + m.max_completion_length
+        b = recipe.train.batch_size
+        return MemoryTerms(rows=b, tokens=s, trained="policy", reference=recipe.peft is None and m.beta > 0,
+                           notes=[f"grpo: rows are prompt (max_length) + max_completion_length = {s} tokens, "
+                                  f"{b} per forward"])
 
 
-def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
-    """TRL's GRPOTrainer on the prompt column (+ extra columns for the rewards), left-padded prompts."""
-    from trl import GRPOTrainer
 
-    from tunelab.methods.common import atomic_checkpoints
-    from tunelab.rewards.compute import build_rewards, trl_reward_funcs
+    def check(self, recipe: "Recipe") -> list[Any]:
+        """GRPO's batch arithmetic and generation backend, before any weights load."""
+        problems = super().check(recipe)
+        import importlib.util
 
-    tokenizer.padding_side = "left"
-    funcs = trl_reward_funcs(build_rewards(recipe.method.rewards))
-    trainer_cls = atomic_checkpoints(GRPOTrainer)
-    return trainer_cls(model=model, reward_funcs=funcs, args=trl_config(recipe),
-                       train_dataset=train_ds.remove_columns(["prompt_ids"]), processing_class=tokenizer,
-                       callbacks=callbacks)
+        from tunelab.errors import Problem
+
+        m: GRPOBlock = recipe.method
+        completions = recipe.train.batch_size * recipe.train.grad_accum
+        if completions % m.num_generations:
+            problems.append(Problem("method.num_generations", f"train.batch_size x train.grad_accum = {completions} "
+                                    f"completions is not a multiple of num_generations={m.num_generations}",
+                                    "make batch_size x grad_accum a multiple of the group size"))
+        if m.generation == "vllm" and importlib.util.find_spec("vllm") is None:
+            problems.append(Problem("method.generation", "vllm is not installed", "pip install vllm, or use auto"))
+        return problems
+
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+        """TRL's GRPOTrainer on the prompt column (+ extra columns for the rewards), left-padded prompts."""
+        from trl import GRPOTrainer
+
+        from tunelab.methods.common import atomic_checkpoints
+        from tunelab.rewards.compute import build_rewards, trl_reward_funcs
+
+        tokenizer.padding_side = "left"
+        funcs = trl_reward_funcs(build_rewards(recipe.method.rewards))
+        trainer_cls = atomic_checkpoints(GRPOTrainer)
+        return trainer_cls(model=model, reward_funcs=funcs, args=self.trl_config(recipe),
+                           train_dataset=train_ds.remove_columns(["prompt_ids"]), processing_class=tokenizer,
+                           callbacks=callbacks)

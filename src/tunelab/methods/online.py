@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
+from tunelab.methods.base import Method
 from tunelab.rewards import RewardSpec
-from tunelab.specs import Strict
+from tunelab.specs import MethodBlock, ModelRef
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
 
-class OnlineRLFields(Strict):
+class OnlineRLBlock(MethodBlock):
     """Fields every online RL method has: rewards and how completions are sampled."""
-
 
     rewards: list[RewardSpec] = Field(min_length=1, description="reward functions and/or reward models, weighted")
     max_completion_length: int = Field(64, ge=1, description="tokens generated per completion at most")
@@ -29,16 +29,17 @@ class OnlineRLFields(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     eval_samples: int = Field(4, ge=1, description="sampled completions per held-out prompt when evaluating")
 
+    def model_refs(self) -> list[ModelRef]:
+        return [ModelRef(f"method.rewards.{i}.model", r.model, "reward model", "score")
+                for i, r in enumerate(self.rewards) if r.model]
+
     @model_validator(mode="after")
-    def _reward_labels_unique(self) -> "OnlineRLFields":
+    def _reward_labels_unique(self) -> "OnlineRLBlock":
         labels = [r.label for r in self.rewards]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise ValueError(f"two rewards are both called {sorted(dup)[0]!r}; their metrics would collide")
         return self
-
-
-ACCEPTED_FORMATS = ("prompt",)
 
 
 def reward_columns(dataset: Any) -> list[str]:
@@ -105,60 +106,69 @@ def completion_mask(completions: Any, stops: list[int], pad: int) -> Any:
     return ((torch.cumsum(is_stop.int(), 1) - is_stop.int()) == 0).long()
 
 
-def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
-    """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
-    import torch
+class OnlineRL(Method):
+    """What grpo and ppo share: prompt-only data, rewards, and a held-out report against the starting policy."""
 
-    from tunelab.eval.progress import progress
-    from tunelab.rewards.compute import build_rewards, score_all
+    formats = ("prompt",)
+    eval_before = True  # the report compares the trained policy with the starting one
 
-    m = recipe.method
-    funcs = build_rewards(m.rewards)
-    torch.manual_seed(recipe.train.seed)  # the same draws before and after training: a paired comparison
-    was_training = model.training
-    model.eval()
-    prompts = [eval_ds[i] for i in range(len(eval_ds))]
-    columns = reward_columns(eval_ds)
-    bs = recipe.train.eval_batch_size or recipe.train.batch_size
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result: dict[str, Any] = {"prompts": len(prompts)}
-    for mode, repeats, temperature in (("sampled", m.eval_samples, m.temperature), ("greedy", 1, None)):
-        totals: list[float] = []
-        per: dict[str, list[float]] = {}
-        rows = [p for p in prompts for _ in range(repeats)]
-        bar = progress(len(rows), f"eval {mode} completions", "completion")
-        for start in range(0, len(rows), bs):
-            chunk = rows[start:start + bs]
-            bar.update(len(chunk))
-            _, _, comp = sample(model, tokenizer, [r["prompt_ids"] for r in chunk], m.max_completion_length,
-                                temperature, m.top_p)
-            texts = [tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in comp.tolist()]
-            total, by_fn = score_all(funcs, [prompt_text(r["prompt"]) for r in chunk], texts,
-                                     {c: [r[c] for r in chunk] for c in columns})
-            totals += total
-            for k, v in by_fn.items():
-                per.setdefault(k, []).extend(x for x in v if x is not None)
-        bar.close()
-        result[mode] = {"reward": sum(totals) / len(totals),
-                        **{k: sum(v) / len(v) for k, v in per.items() if v}}
-    if was_training:
-        model.train()
-    return result
+    def reward_specs(self, recipe: "Recipe") -> list[Any]:
+        m = recipe.method
+        assert isinstance(m, OnlineRLBlock)
+        return list(m.rewards)
 
 
-def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
-    """Held-out reward before -> after training, sampled and greedy, per reward function."""
-    lines = []
-    out: dict[str, Any] = {}
-    for mode in ("sampled", "greedy"):
-        how = f"{recipe.method.eval_samples} samples at T={recipe.method.temperature}" if mode == "sampled" else "greedy"
-        for key, value in after[mode].items():
-            prev = before[mode].get(key) if before else None
-            name = "mean reward" if key == "reward" else key
-            text = f"{prev:.4f} -> {value:.4f}" if prev is not None else f"{value:.4f}"
-            lines.append(f"held-out {name} ({how}, {after['prompts']} prompts): {text}")
-            out[f"eval_{mode}_{key}"] = {"before": prev, "after": value}
-    return lines, out
 
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+        """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
+        import torch
 
-EVAL_BEFORE = True  # the report compares the trained policy with the starting one
+        from tunelab.eval.progress import progress
+        from tunelab.rewards.compute import build_rewards, score_all
+
+        m = recipe.method
+        funcs = build_rewards(m.rewards)
+        torch.manual_seed(recipe.train.seed)  # the same draws before and after training: a paired comparison
+        was_training = model.training
+        model.eval()
+        prompts = [eval_ds[i] for i in range(len(eval_ds))]
+        columns = reward_columns(eval_ds)
+        bs = recipe.train.eval_batch_size or recipe.train.batch_size
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        result: dict[str, Any] = {"prompts": len(prompts)}
+        for mode, repeats, temperature in (("sampled", m.eval_samples, m.temperature), ("greedy", 1, None)):
+            totals: list[float] = []
+            per: dict[str, list[float]] = {}
+            rows = [p for p in prompts for _ in range(repeats)]
+            bar = progress(len(rows), f"eval {mode} completions", "completion")
+            for start in range(0, len(rows), bs):
+                chunk = rows[start:start + bs]
+                bar.update(len(chunk))
+                _, _, comp = sample(model, tokenizer, [r["prompt_ids"] for r in chunk], m.max_completion_length,
+                                    temperature, m.top_p)
+                texts = [tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in comp.tolist()]
+                total, by_fn = score_all(funcs, [prompt_text(r["prompt"]) for r in chunk], texts,
+                                         {c: [r[c] for r in chunk] for c in columns})
+                totals += total
+                for k, v in by_fn.items():
+                    per.setdefault(k, []).extend(x for x in v if x is not None)
+            bar.close()
+            result[mode] = {"reward": sum(totals) / len(totals),
+                            **{k: sum(v) / len(v) for k, v in per.items() if v}}
+        if was_training:
+            model.train()
+        return result
+
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+        """Held-out reward before -> after training, sampled and greedy, per reward function."""
+        lines = []
+        out: dict[str, Any] = {}
+        for mode in ("sampled", "greedy"):
+            how = f"{recipe.method.eval_samples} samples at T={recipe.method.temperature}" if mode == "sampled" else "greedy"
+            for key, value in after[mode].items():
+                prev = before[mode].get(key) if before else None
+                name = "mean reward" if key == "reward" else key
+                text = f"{prev:.4f} -> {value:.4f}" if prev is not None else f"{value:.4f}"
+                lines.append(f"held-out {name} ({how}, {after['prompts']} prompts): {text}")
+                out[f"eval_{mode}_{key}"] = {"before": prev, "after": value}
+        return lines, out

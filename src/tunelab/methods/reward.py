@@ -17,51 +17,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from tunelab.specs import Strict
+from tunelab.eval.reward import pairwise
+from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
 
-class RewardMethod(Strict):
+class RewardBlock(TRLBlock):
     """A reward model: -log σ(r(x,y+) - r(x,y-) - margin) on preference pairs."""
 
-
+    model_head = "score"
     name: Literal["reward"]
     center_rewards_coefficient: float | None = Field(None, ge=0, description="pull rewards toward zero mean")
     trl: dict[str, Any] = Field(default_factory=dict, description="extra RewardConfig fields, validated before training")
-
-
-OWNED_TRL_FIELDS = {
-    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "max_length", "bf16", "fp16", "gradient_checkpointing",
-    "activation_checkpointing", "report_to", "logging_steps", "save_steps", "save_total_limit",
-    "center_rewards_coefficient",
-}
-ACCEPTED_FORMATS = ("preference",)
-MODEL_HEAD = "score"
-EVAL_BEFORE = False
-
-
-def trl_config_class() -> type:
-    from trl import RewardConfig
-
-    return RewardConfig
-
-
-def trl_config(recipe: "Recipe", **extra: Any) -> Any:
-    """The RewardConfig of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
-    from trl import RewardConfig
-
-    from tunelab.methods.common import training_arguments
-
-    m: RewardMethod = recipe.method
-    kwargs = training_arguments(recipe)
-    kwargs.update(max_length=recipe.data.max_length, center_rewards_coefficient=m.center_rewards_coefficient,
-                  dataset_num_proc=None)
-    kwargs.update(m.trl)
-    kwargs.update(extra)
-    return RewardConfig(**kwargs)
 
 
 def as_sequences(dataset: Any) -> Any:
@@ -74,68 +43,56 @@ def as_sequences(dataset: Any) -> Any:
                        remove_columns=[c for c in dataset.column_names if c not in ("chosen_ids", "rejected_ids", *keep)])
 
 
-def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
-    """A RewardTrainer over tunelab-tokenized pairs."""
-    from trl import RewardTrainer
+class Reward(TRLMethod):
+    """A reward model on TRL's RewardTrainer (a sequence classifier with one label)."""
 
-    from tunelab.methods.common import atomic_checkpoints
+    name = "reward"
+    config = RewardBlock
+    formats = ("preference",)
 
-    args = trl_config(recipe)
-    trainer_cls = atomic_checkpoints(RewardTrainer)
-    trainer = trainer_cls(model=model, args=args, train_dataset=as_sequences(train_ds),
-                          eval_dataset=as_sequences(eval_ds), processing_class=tokenizer, callbacks=callbacks)
-    # With a quantized base, TRL casts every trainable tensor to bf16 (QLoRA's adapters). LoRA layers cast
-    # their input, but the new score head (a plain Linear in modules_to_save) does not: without bf16
-    # autocast (fp32 on a CPU) it would get fp32 hidden states. Keep it in the hidden states' dtype.
-    hidden_dtype = trainer.model.get_input_embeddings().weight.dtype
-    for name, param in trainer.model.named_parameters():
-        if param.requires_grad and "lora_" not in name and param.dtype != hidden_dtype:
-            param.data = param.data.to(hidden_dtype)
-    return trainer
+    def trl_config_class(self) -> type:
+        from trl import RewardConfig
 
+        return RewardConfig
 
-# ---- scoring and evaluation ---------------------------------------------------------------------
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+        m = recipe.method
+        assert isinstance(m, RewardBlock)
+        return dict(max_length=recipe.data.max_length, center_rewards_coefficient=m.center_rewards_coefficient,
+                    dataset_num_proc=None)
 
-
-def score(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int) -> list[float]:
-    """The reward of each token sequence (right-padded; the head reads the last real token)."""
-    import torch
-
-    from tunelab.data.collate import pad_right
-
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[float] = []
-    from tunelab.eval.progress import progress
-
-    bar = progress(len(sequences), "scoring", "seq")
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            ids, mask = pad_right(sequences[start : start + batch_size], pad_id)
-            out += model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
-            bar.update(len(ids))
-    bar.close()
-    return out
+    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+        return MemoryTerms(rows=2 * recipe.train.batch_size, tokens=tokens,
+                           notes=[f"reward: chosen and rejected in one forward: {2 * recipe.train.batch_size} rows "
+                                  f"of up to {tokens} tokens"])
 
 
-def pairwise(model: Any, pairs: Any, batch_size: int, pad_id: int) -> dict[str, Any]:
-    """Pairwise accuracy (share of pairs with r(chosen) > r(rejected)) and mean margin r(chosen) - r(rejected)."""
-    rows = [pairs[i] for i in range(len(pairs))]
-    chosen = score(model, [r["prompt_ids"] + r["chosen_ids"] for r in rows], batch_size, pad_id)
-    rejected = score(model, [r["prompt_ids"] + r["rejected_ids"] for r in rows], batch_size, pad_id)
-    n = max(len(rows), 1)
-    return {"pairs": len(rows), "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
-            "margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
-            "reward_chosen": sum(chosen) / n, "reward_rejected": sum(rejected) / n}
 
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+        """A RewardTrainer over tunelab-tokenized pairs."""
+        from trl import RewardTrainer
 
-def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
-    bs = recipe.train.eval_batch_size or recipe.train.batch_size
-    return pairwise(model, eval_ds, bs, tokenizer.pad_token_id or 0)
+        from tunelab.methods.common import atomic_checkpoints
 
+        args = self.trl_config(recipe)
+        trainer_cls = atomic_checkpoints(RewardTrainer)
+        trainer = trainer_cls(model=model, args=args, train_dataset=as_sequences(train_ds),
+                              eval_dataset=as_sequences(eval_ds), processing_class=tokenizer, callbacks=callbacks)
+        # With a quantized base, TRL casts every trainable tensor to bf16 (QLoRA's adapters). LoRA layers cast
+        # their input, but the new score head (a plain Linear in modules_to_save) does not: without bf16
+        # autocast (fp32 on a CPU) it would get fp32 hidden states. Keep it in the hidden states' dtype.
+        hidden_dtype = trainer.model.get_input_embeddings().weight.dtype
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and "lora_" not in name and param.dtype != hidden_dtype:
+                param.data = param.data.to(hidden_dtype)
+        return trainer
 
-def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
-    head = f"{before['accuracy']:.3f} (new head) -> " if before else ""
-    lines = [f"held-out pairwise accuracy: {head}{after['accuracy']:.3f} on {after['pairs']} pairs; "
-             f"mean margin r(chosen) - r(rejected) {after['margin']:+.4f}"]
-    return lines, {"pairwise_accuracy": after["accuracy"], "mean_margin": after["margin"]}
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+        bs = recipe.train.eval_batch_size or recipe.train.batch_size
+        return pairwise(model, eval_ds, bs, tokenizer.pad_token_id or 0)
+
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+        head = f"{before['accuracy']:.3f} (new head) -> " if before else ""
+        lines = [f"held-out pairwise accuracy: {head}{after['accuracy']:.3f} on {after['pairs']} pairs; "
+                 f"mean margin r(chosen) - r(rejected) {after['margin']:+.4f}"]
+        return lines, {"pairwise_accuracy": after["accuracy"], "mean_margin": after["margin"]}

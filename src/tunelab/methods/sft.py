@@ -19,65 +19,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from tunelab.specs import Strict
+from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
 
-class SFTMethod(Strict):
+class SFTBlock(TRLBlock):
     """Supervised fine-tuning: next-token loss on assistant (or completion) tokens."""
-
 
     name: Literal["sft"]
     loss_type: Literal["nll", "dft"] = Field("nll", description="nll, or dft (dynamic fine-tuning)")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise")
     trl: dict[str, Any] = Field(default_factory=dict, description="extra SFTConfig fields, validated before training")
-
-
-# Fields tunelab sets itself from the recipe; setting them in method.trl would fight the recipe.
-OWNED_TRL_FIELDS = {
-    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "max_length", "packing", "padding_free", "bf16", "fp16",
-    "gradient_checkpointing", "activation_checkpointing", "report_to", "logging_steps", "save_steps", "save_total_limit",
-    "dataset_kwargs", "assistant_only_loss", "completion_only_loss",
-}
-
-
-ACCEPTED_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
-MODEL_HEAD = "causal"
-EVAL_BEFORE = False  # only with train.eval_before_train
-
-
-def trl_config_class() -> type:
-    from trl import SFTConfig
-
-    return SFTConfig
-
-
-def trl_config(recipe: "Recipe", **extra: Any) -> Any:
-    """Build the SFTConfig for a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
-    from trl import SFTConfig
-
-    from tunelab.methods.common import training_arguments
-
-    m: SFTMethod = recipe.method
-    kwargs = training_arguments(recipe)
-    kwargs.update(
-        max_length=recipe.data.max_length,
-        packing=recipe.data.packing,
-        packing_strategy="bfd",
-        padding_free=recipe.data.packing,
-        loss_type=m.loss_type,
-        neftune_noise_alpha=m.neftune_noise_alpha,
-        # tunelab hands over input_ids + labels; TRL must not re-tokenize or re-mask them
-        assistant_only_loss=False,
-        completion_only_loss=None,
-        dataset_num_proc=None,
-    )
-    kwargs.update(m.trl)
-    kwargs.update(extra)
-    return SFTConfig(**kwargs)
 
 
 # Above this many bytes of fp32 logits per micro-batch, TRL's chunked fused LM head is used (it never
@@ -163,42 +117,82 @@ def sft_trainer_class() -> type:
     return TunelabSFTTrainer
 
 
-def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
-    """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
-    from tunelab.data.collate import PackedRowsCollator, uses_varlen_attention
-    from tunelab.methods.common import atomic_checkpoints
-    from tunelab.models.attention import use_packed_sdpa
+class SFT(TRLMethod):
+    """Supervised fine-tuning on TRL's SFTTrainer over tunelab-tokenized rows (input_ids + labels)."""
 
-    args = trl_config(recipe)
-    trainer_cls = atomic_checkpoints(sft_trainer_class())
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    if args.packing and not uses_varlen_attention(model):
-        # SDPA/eager: one padded row per packed row instead of TRL's single concatenated row (see collate.py)
-        trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
-        # and on SDPA each packed example attends within itself at its own size, not through a row-wide mask
-        use_packed_sdpa(model)
-    return trainer
+    name = "sft"
+    config = SFTBlock
+    formats = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+    eval_before = False  # only with train.eval_before_train
+
+    def trl_config_class(self) -> type:
+        from trl import SFTConfig
+
+        return SFTConfig
+
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+        m = recipe.method
+        assert isinstance(m, SFTBlock)
+        return dict(
+            max_length=recipe.data.max_length,
+            packing=recipe.data.packing,
+            packing_strategy="bfd",
+            padding_free=recipe.data.packing,
+            loss_type=m.loss_type,
+            neftune_noise_alpha=m.neftune_noise_alpha,
+            # tunelab hands over input_ids + labels; TRL must not re-tokenize or re-mask them
+            assistant_only_loss=False,
+            completion_only_loss=None,
+            dataset_num_proc=None,
+        )
+
+    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+        terms = MemoryTerms(rows=recipe.train.batch_size, tokens=tokens)
+        if recipe.train.batch_size * tokens * vocab * 4 >= FUSED_HEAD_MIN_LOGIT_BYTES:
+            terms.full_logits = False
+            terms.notes.append("sft: logits over FUSED_HEAD_MIN_LOGIT_BYTES per micro batch: TRL's chunked LM head "
+                               "keeps none (not measured)")
+        return terms
 
 
-def evaluate(model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
-    """Eval perplexity: exp of the mean NLL over every trained token of the eval rows."""
-    from tunelab.eval.perplexity import perplexity
 
-    bs = recipe.train.eval_batch_size or recipe.train.batch_size
-    # packed like training: rows of max_length, batch_size of them per forward pass
-    return perplexity(model, eval_ds, bs, tokenizer.pad_token_id or 0, pack_tokens=recipe.data.max_length)
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+        """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
+        from tunelab.data.collate import PackedRowsCollator, uses_varlen_attention
+        from tunelab.methods.common import atomic_checkpoints
+        from tunelab.models.attention import use_packed_sdpa
+
+        args = self.trl_config(recipe)
+        trainer_cls = atomic_checkpoints(sft_trainer_class())
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        if args.packing and not uses_varlen_attention(model):
+            # SDPA/eager: one padded row per packed row instead of TRL's single concatenated row (see collate.py)
+            trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id, args.pad_to_multiple_of)
+            # and on SDPA each packed example attends within itself at its own size, not through a row-wide mask
+            use_packed_sdpa(model)
+        return trainer
+
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+        """Eval perplexity: exp of the mean NLL over every trained token of the eval rows."""
+        from tunelab.eval.perplexity import perplexity
+
+        bs = recipe.train.eval_batch_size or recipe.train.batch_size
+        # packed like training: rows of max_length, batch_size of them per forward pass
+        return perplexity(model, eval_ds, bs, tokenizer.pad_token_id or 0, pack_tokens=recipe.data.max_length)
+
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+        if before is not None:
+            line = f"eval perplexity: {before['perplexity']:.3f} (untrained) -> {after['perplexity']:.3f} (trained)"
+        else:
+            line = f"eval perplexity: {after['perplexity']:.3f}"
+        return [line], {}
 
 
-def report(before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
-    if before is not None:
-        line = f"eval perplexity: {before['perplexity']:.3f} (untrained) -> {after['perplexity']:.3f} (trained)"
-    else:
-        line = f"eval perplexity: {after['perplexity']:.3f}"
-    return [line], {}
+

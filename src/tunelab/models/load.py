@@ -60,13 +60,9 @@ def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
 
 
 def missing_models(recipe: Any) -> list[Problem]:
-    """Model paths of a recipe (model, reference, reward models, critic) that can only be local directories
+    """Model paths of a recipe (the model and the ones its method names) that can only be local directories
     and do not exist."""
-    paths = [("model.path", recipe.model.path), ("method.reference", getattr(recipe.method, "reference", None))]
-    paths += [(f"method.rewards.{i}.model", r.model) for i, r in enumerate(getattr(recipe.method, "rewards", None) or [])]
-    critic = getattr(recipe.method, "critic", None)
-    if critic not in (None, "policy", "reward_model"):
-        paths.append(("method.critic", critic))
+    paths = [("model.path", recipe.model.path)] + [(ref.key, ref.path) for ref in recipe.method.model_refs()]
     return [m for key, path in paths if path and (m := missing_local_model(path, key))]
 
 
@@ -81,37 +77,32 @@ def mla_checkpoint(path: str | Path) -> bool:
         return False  # unreadable: the ordinary loader reports it
 
 
+# what to say of an MLA model named where a method needs a score model
+_SCORE_REF_FIX = {"reward model": ("not a reward model", "use a reward model run"),
+                  "critic": ("which loads as a causal LM only", "use a reward model run or an unconverted model")}
+
+
 def mla_checkpoint_problems(recipe: Any) -> list[Problem]:
     """A recipe whose models are MLA-converted directories must load them the ways MLA supports (no weights read)."""
     problems = []
-    from tunelab.methods import method_module
-
     path = recipe.model.path
     if mla_checkpoint(path):
         if recipe.model.attn_implementation not in ("eager", "sdpa"):
             problems.append(Problem("model.attn_implementation", f"{path} is an MLA model: its attention reads eager "
                                     f"or sdpa masks, not {recipe.model.attn_implementation}", "use sdpa"))
-        peft_method = getattr(recipe.peft, "method", None)
+        peft_method = recipe.peft.method if recipe.peft is not None else None
         if recipe.model.quantization is not None or peft_method == "qlora":
             key = "peft.method" if peft_method == "qlora" else "model.quantization"
             problems.append(Problem(key, f"{path} is an MLA model, which tunelab loads unquantized",
                                     "use peft.method: lora (or dora)"))
-        if getattr(method_module(recipe.method), "MODEL_HEAD", "causal") != "causal":
+        if recipe.method.model_head != "causal":
             problems.append(Problem("model.path", f"{path} is an MLA model, which loads as a causal LM only; "
                                     f"method {recipe.method.name} needs a sequence classifier",
                                     "start the reward model from the unconverted model"))
-        if getattr(recipe.method, "critic", None) == "policy":
-            problems.append(Problem("method.critic", f"the critic would be a score-head copy of {path}, an MLA model, "
-                                    "which loads as a causal LM only", "set method.critic to a reward model run or "
-                                    "an unconverted model"))
-    critic = getattr(recipe.method, "critic", None)
-    if critic not in (None, "policy", "reward_model") and mla_checkpoint(critic):
-        problems.append(Problem("method.critic", f"{critic} is an MLA model, which loads as a causal LM only",
-                                "use a reward model run or an unconverted model"))
-    for i, r in enumerate(getattr(recipe.method, "rewards", None) or []):
-        if getattr(r, "model", None) and mla_checkpoint(r.model):
-            problems.append(Problem(f"method.rewards.{i}.model", f"{r.model} is an MLA model, not a reward model",
-                                    "use a reward model run"))
+    for ref in recipe.method.model_refs():
+        if ref.head == "score" and mla_checkpoint(ref.path):
+            what, fix = _SCORE_REF_FIX.get(ref.role, ("which loads as a causal LM only", "use an unconverted model"))
+            problems.append(Problem(ref.key, f"{ref.path} is an MLA model, {what}", fix))
     return problems
 
 

@@ -129,14 +129,12 @@ def mla_recipe_problems(spec: MlaPatch, recipe: Any, where: str) -> list[Problem
     if impl not in EAGER_OR_SDPA:
         problems.append(Problem("model.attn_implementation", f"{impl} cannot run the MLA attention of {where}: it "
                                 "reads eager or sdpa attention masks", "use sdpa"))
-    peft_method = getattr(recipe.peft, "method", None)
+    peft_method = recipe.peft.method if recipe.peft is not None else None
     if recipe.model.quantization is not None or peft_method == "qlora":
         what = "peft.method: qlora" if peft_method == "qlora" else "model.quantization"
         problems.append(Problem(where, f"MLA conversion factors full-precision K/V weights (SVD), but {what} "
                                 "quantizes them", "use peft.method: lora (MLA models load unquantized)"))
-    from tunelab.methods import method_module
-
-    if getattr(method_module(recipe.method), "MODEL_HEAD", "causal") != "causal":
+    if recipe.method.model_head != "causal":
         problems.append(Problem(where, f"method {recipe.method.name} trains a sequence classifier; MLA conversion "
                                 "is for causal language models", "remove the mla patch from this recipe"))
     return problems

@@ -83,7 +83,7 @@ class RecipeModelSpec(ModelSpec):
         return v
 
 
-MethodSpec = registry_union(METHODS, "name", "method")
+MethodSpec = registry_union({name: m.config for name, m in METHODS.items()}, "name", "method")
 PatchSpec = registry_union(PATCHES, "name", "patch")
 
 
@@ -105,10 +105,6 @@ class Recipe(Strict):
             problems.append("set quantization in peft (qlora) or in model, not both")
         if self.model.quantization and self.peft is None:
             problems.append("a quantized model cannot be fully fine-tuned; add a peft block (e.g. method: qlora)")
-        if getattr(self.method, "name", "") == "ppo" and self.distributed.strategy == "zero3":
-            problems.append("distributed.strategy: method ppo runs under zero0..zero2, not zero3 (rollouts generate with "
-                            "the whole policy and score with the reference on every rank); use zero2 (offload: cpu "
-                            "for memory)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

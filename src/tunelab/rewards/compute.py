@@ -110,7 +110,7 @@ class RewardFunction:
     def load(self, device: Any = None) -> "RewardFunction":
         """Load a reward model now (else on first call), frozen in eval mode; move it to ``device`` if given."""
         if self.spec.model and self._model is None:
-            from tunelab.evaluate import load_reward_model
+            from tunelab.models.inference import load_reward_model
 
             model, self._tokenizer = load_reward_model(self.spec.model)
             self._model = model.eval().requires_grad_(False)
@@ -145,7 +145,7 @@ class RewardFunction:
     def _score_with_model(self, prompts: list[str], completions: list[str],
                           conversations: list[Messages] | None) -> list[float]:
         """The reward model's score of each (prompt, completion), read at its last real token."""
-        from tunelab.methods.reward import score
+        from tunelab.models.inference import score
 
         seqs = self.encode(prompts, completions, conversations)
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0

@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.methods.online import ACCEPTED_FORMATS, EVAL_BEFORE, OnlineRLFields, evaluate, report
+from tunelab.errors import Problem
+from tunelab.methods.base import MemoryTerms
+from tunelab.methods.online import OnlineRL, OnlineRLBlock
+from tunelab.models.load import mla_checkpoint
+from tunelab.specs import ModelRef, TrainSpec
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
 
-__all__ = ["ACCEPTED_FORMATS", "EVAL_BEFORE", "MODEL_HEAD", "PPOMethod", "build_trainer", "evaluate", "report"]
 
-
-class PPOMethod(OnlineRLFields):
+class PPOBlock(OnlineRLBlock):
     """Proximal policy optimisation with a learned critic and a KL penalty to the reference."""
 
     name: Literal["ppo"]
@@ -52,37 +54,68 @@ class PPOMethod(OnlineRLFields):
     score_clip: float | None = Field(None, gt=0, description="clip the sequence score to ±this")
     save_critic: bool = Field(False, description="also save the critic to final/critic")
 
+    def micro_batch(self, train: TrainSpec) -> tuple[int, int]:
+        """One optimizer step per minibatch of a rollout: batch_size / num_minibatches, no accumulation."""
+        return max(1, train.batch_size // self.num_minibatches), 1
+
+    def model_refs(self) -> list[ModelRef]:
+        refs = [ModelRef("method.reference", self.reference, "reference", "causal")] if self.reference else []
+        if self.critic not in ("policy", "reward_model"):
+            refs.append(ModelRef("method.critic", self.critic, "critic", "score"))
+        return refs + super().model_refs()
+
     @model_validator(mode="after")
-    def _critic_source(self) -> "PPOMethod":
+    def _critic_source(self) -> "PPOBlock":
         if self.critic == "reward_model" and not any(r.model for r in self.rewards):
             raise ValueError("critic: reward_model needs a reward model in rewards (- model: PATH)")
         return self
 
 
-OWNED_TRL_FIELDS: set[str] = set()
-MODEL_HEAD = "causal"
+class PPO(OnlineRL):
+    """PPO with our own trainer (methods/ppo/trainer.py): actor, critic, frozen reference, rewards."""
+
+    name = "ppo"
+    config = PPOBlock
+    owns_checkpointing = True
+    refused_strategies = {
+        "zero3": "rollouts generate with the whole policy and score with the reference on every rank; use zero2 "
+                 "(offload: cpu for memory)",
+        "fsdp2": "rollouts need the whole policy on every rank; use zero2 (offload: cpu for memory)",
+    }
+
+    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+        m = recipe.method
+        assert isinstance(m, PPOBlock)
+        s = tokens + m.max_completion_length
+        b = m.micro_batch(recipe.train)[0]
+        return MemoryTerms(rows=b, tokens=s, trained="policy", reference=bool(m.reference) or recipe.peft is None,
+                           critic=True, reward_models=[r.model for r in m.rewards if r.model],
+                           notes=[f"ppo: rows are prompt (max_length) + max_completion_length = {s} tokens, "
+                                  f"{b} per forward"])
 
 
-def check_recipe(recipe: "Recipe") -> list[Any]:
-    """Recipe checks PPO needs beyond the schema (problems, before any weights load)."""
-    from tunelab.errors import Problem
 
-    problems = []
-    m: PPOMethod = recipe.method
-    if recipe.train.batch_size % m.num_minibatches:
-        problems.append(Problem("method.num_minibatches", f"train.batch_size={recipe.train.batch_size} does not "
-                                f"split into {m.num_minibatches} equal minibatches", "pick a divisor"))
-    if recipe.train.grad_accum != 1:
-        problems.append(Problem("train.grad_accum", "PPO takes its batch from train.batch_size (prompts per rollout) "
-                                "and method.num_minibatches", "set train.grad_accum: 1"))
-    if recipe.peft is not None and recipe.peft.method not in ("lora", "dora", "qlora"):
-        problems.append(Problem("peft.method", f"PPO supports LoRA-style adapters, not {recipe.peft.method}",
-                                "use lora, dora or qlora"))
-    return problems
+    def check(self, recipe: "Recipe") -> list[Any]:
+        """Recipe checks PPO needs beyond the schema (problems, before any weights load)."""
+        problems = super().check(recipe)
+        m: PPOBlock = recipe.method
+        if recipe.train.batch_size % m.num_minibatches:
+            problems.append(Problem("method.num_minibatches", f"train.batch_size={recipe.train.batch_size} does not "
+                                    f"split into {m.num_minibatches} equal minibatches", "pick a divisor"))
+        if recipe.train.grad_accum != 1:
+            problems.append(Problem("train.grad_accum", "PPO takes its batch from train.batch_size (prompts per rollout) "
+                                    "and method.num_minibatches", "set train.grad_accum: 1"))
+        if recipe.peft is not None and recipe.peft.method not in ("lora", "dora", "qlora"):
+            problems.append(Problem("peft.method", f"PPO supports LoRA-style adapters, not {recipe.peft.method}",
+                                    "use lora, dora or qlora"))
+        if m.critic == "policy" and mla_checkpoint(recipe.model.path):
+            problems.append(Problem("method.critic", f"the critic would be a score-head copy of {recipe.model.path}, an "
+                                    "MLA model, which loads as a causal LM only", "set method.critic to a reward model "
+                                    "run or an unconverted model"))
+        return problems
 
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+        """The PPO trainer over tunelab's prompt-only dataset (prompt, prompt_ids, extra columns)."""
+        from tunelab.methods.ppo.trainer import PPOTrainer
 
-def build_trainer(recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
-    """The PPO trainer over tunelab's prompt-only dataset (prompt, prompt_ids, extra columns)."""
-    from tunelab.methods.ppo.trainer import PPOTrainer
-
-    return PPOTrainer(recipe, model, tokenizer, train_ds, callbacks)
+        return PPOTrainer(recipe, model, tokenizer, train_ds, callbacks)

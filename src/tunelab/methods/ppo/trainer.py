@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tunelab.log import say
 from tunelab.methods.online import completion_mask, prompt_text, reward_columns, sample, stop_token_ids
 from tunelab.methods.ppo import core
 
@@ -90,7 +91,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_critic(recipe: "Recipe", tokenizer: Any) -> nn.Module:
     """The critic's network: a score head on a copy of the policy's body, the reward model, or a path."""
-    from tunelab.evaluate import load_reward_model
+    from tunelab.models.inference import load_reward_model
     from tunelab.models.load import load_model
     from tunelab.models.peft import apply_peft, quantization_of
 
@@ -121,7 +122,7 @@ class PPOTrainer:
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
         from transformers import get_scheduler
 
-        from tunelab.methods.common import resolve_precision
+        from tunelab.distributed.config import resolve_precision
         from tunelab.models.load import load_model
         from tunelab.rewards.compute import build_rewards
 
@@ -134,7 +135,7 @@ class PPOTrainer:
             # ZeRO without any accelerate flag, as for the HF/TRL methods
             from accelerate.utils import DeepSpeedPlugin
 
-            from tunelab.launch.config import deepspeed_config
+            from tunelab.distributed.config import deepspeed_config
 
             plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
         deepspeed_on_cpu = (plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true") \
@@ -230,9 +231,9 @@ class PPOTrainer:
                 row = {k: round(v, 6) for k, v in row.items()}
                 logged = []
                 if self.accelerator.is_main_process:
-                    print(f"[tunelab] ppo step {self.state.global_step}/{self.total_steps}: reward "
+                    say(f"ppo step {self.state.global_step}/{self.total_steps}: reward "
                           f"{row['reward']:+.4f} kl {row['kl']:.4f} entropy {row['entropy']:.3f} "
-                          f"clipfrac {row['clipfrac']:.3f}", flush=True)
+                          f"clipfrac {row['clipfrac']:.3f}")
                 for cb in self.callbacks:
                     cb.on_log(None, self.state, None, logs=row)
             if self.state.global_step % self.t.save_steps == 0 and self.state.global_step < self.total_steps:

@@ -1,4 +1,4 @@
-"""Worker-side checks of the process group: every rank is there before training, and none hangs forever.
+"""The worker's process group: formed (gloo for DeepSpeed on a CPU), checked that every rank is there, never hung forever.
 
 ``connectivity_check`` runs right after the group forms (in ``tunelab train``): each rank signs in
 to the group's key-value store with its host and pid, then all ranks run one all_reduce. A rank
@@ -18,6 +18,8 @@ import os
 import socket
 import time
 from datetime import timedelta
+
+from tunelab import log
 
 COLLECTIVE_TIMEOUT_ENV = "TUNELAB_COLLECTIVE_TIMEOUT_S"
 
@@ -66,7 +68,7 @@ def connectivity_check(timeout_s: float = 120.0, say=None) -> int:  # noqa: ANN0
             by_host.setdefault(text.split(" pid ")[0], []).append(r)
         where = ", ".join(f"{h}: {len(rs)}" for h, rs in by_host.items())
         msg = f"{world} ranks connected in {time.monotonic() - started:.1f} s ({where})"
-        (say or (lambda m: print(f"[tunelab] {m}", flush=True)))(msg)
+        (say or log.say)(msg)
     return world
 
 
@@ -82,3 +84,31 @@ def close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA device (imports torch)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def deepspeed_needs_gloo() -> bool:
+    """DeepSpeed under a launcher (or train.py's one-process group) on a machine without CUDA (tests, CI)."""
+    return int(os.environ.get("LOCAL_RANK", "-1")) != -1 and not cuda_available()
+
+
+def deepspeed_process_group() -> None:
+    """Form the DeepSpeed process group over gloo before the Trainer does (CPU only; see distributed_arguments).
+
+    transformers' TrainingArguments, given a DeepSpeed config, asks accelerate for a process group
+    without naming a backend, and accelerate finds none without CUDA: every rank would train alone.
+    """
+    if not deepspeed_needs_gloo():
+        return
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    AcceleratorState._reset_state(reset_partial_state=True)  # validate() built TrainingArguments: a state without a group
+    PartialState(backend="gloo")

@@ -30,10 +30,22 @@ BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_b
                "stage3_param_persistence_threshold")
 
 
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 on a GPU that supports it, else fp32 (CPU bf16 autocast is slow and lossy)."""
+    if precision != "auto":
+        return precision
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+    except ImportError:  # pragma: no cover
+        pass
+    return "fp32"
+
+
 def precision_of(recipe: "Recipe") -> str:
     """fp32|bf16|fp16: ``train.precision`` resolved on this machine, as training resolves it."""
-    from tunelab.methods.common import resolve_precision
-
     return resolve_precision(recipe.train.precision)
 
 
@@ -43,15 +55,12 @@ def zero_stage(recipe: "Recipe") -> int | None:
 
 
 def micro_batch_and_accumulation(recipe: "Recipe") -> tuple[int, int]:
-    """(micro batch per process, accumulation steps) as the engine sees them.
+    """(micro batch per process, accumulation steps) as the engine sees them: the method block's rule.
 
-    PPO (our trainer) steps the optimizer once per minibatch of a rollout: its micro batch is
-    ``batch_size / num_minibatches`` and it accumulates nothing.
+    (PPO, our trainer, steps the optimizer once per minibatch of a rollout: its micro batch is
+    ``batch_size / num_minibatches`` and it accumulates nothing.)
     """
-    t = recipe.train
-    if getattr(recipe.method, "name", "") == "ppo":
-        return max(1, t.batch_size // recipe.method.num_minibatches), 1
-    return t.batch_size, t.grad_accum
+    return recipe.method.micro_batch(recipe.train)
 
 
 def generated_deepspeed_config(recipe: "Recipe", world_size: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``tunelab eval``, ``generate`` and ``merge``: load a trained model (full, adapter or run dir) and use it."""
+"""``tunelab eval`` and ``generate``: the task drivers that load a trained model (full, adapter or run dir) and measure it."""
 
 from __future__ import annotations
 
@@ -7,109 +7,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tunelab.errors import Problem, UserError
-
-
-def _say(msg: str) -> None:
-    print(f"[tunelab] {msg}", flush=True)
-
-
-def resolve_model_dir(path: str) -> str:
-    """A run dir means its final/; anything else is used as given."""
-    p = Path(path)
-    if (p / "final").is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-        return str(p / "final")
-    return path
-
-
-def inference_tokenizer(path: str) -> Any:
-    """The tokenizer saved with a model (the bundled one for built-in bases), with a pad token."""
-    from transformers import AutoTokenizer
-
-    from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
-    from tunelab.models.builtin import builtin_tokenizer
-    from tunelab.models.gguf import is_gguf_path
-    from tunelab.models.load import ensure_pad_token, pretrained_tokenizer
-
-    if is_gguf_path(path):
-        tok = pretrained_tokenizer(path, key="MODEL")
-    else:
-        try:
-            tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
-        except (OSError, ValueError):
-            tok = builtin_tokenizer()
-    try:  # a model tunelab saved carries its registry template: recognise it (its end-of-turn token)
-        apply_choice(tok, choose_template(None, tok))
-    except TemplateMismatch:
-        pass
-    return tok
-
-
-def load_base(path: str, head: str = "causal") -> Any:
-    """A base model named by a path an adapter records: built-in, GGUF file, MLA directory or HF directory/hub id."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from tunelab.models.builtin import builtin_model
-    from tunelab.models.gguf import is_gguf_path
-    from tunelab.models.load import is_tiny_builtin, load_gguf_model, load_mla_checkpoint, mla_checkpoint
-
-    auto: Any = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
-    if is_tiny_builtin(path):
-        return builtin_model(path[len("builtin:") :], head=head)
-    if is_gguf_path(path):
-        return load_gguf_model(path, auto, None, head=head, key="MODEL")
-    if head == "causal" and mla_checkpoint(path):
-        return load_mla_checkpoint(path)
-    kwargs: dict[str, Any] = {"num_labels": 1} if head == "score" else {}
-    try:
-        return auto.from_pretrained(path, use_safetensors=True, **kwargs)
-    except OSError as exc:
-        raise UserError(Problem("MODEL", f"cannot load {path!r}: {exc}"[:400])) from None
-
-
-def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) from a full model dir, a PEFT adapter dir, a run dir, or builtin:tiny-*.
-
-    MLA-converted directories (and adapters trained on one) load with their MLA attention.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.models.builtin import builtin_model, builtin_tokenizer
-    from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path
-    from tunelab.models.load import load_mla_checkpoint, mla_checkpoint
-
-    if path.startswith("builtin:"):
-        from tunelab.models.builtin import BUILTIN_MODELS
-
-        name = path[len("builtin:") :]
-        if name not in BUILTIN_MODELS and name not in REAL_BUILTINS:
-            known = ", ".join(f"builtin:{k}" for k in {**BUILTIN_MODELS, **REAL_BUILTINS})
-            raise UserError(Problem("MODEL", f"unknown built-in model {path!r}", "known: " + known))
-        if name in BUILTIN_MODELS:
-            return builtin_model(name), builtin_tokenizer()
-    if is_gguf_path(path):
-        return load_base(path), inference_tokenizer(path)
-    path = resolve_model_dir(path)
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        cfg = json.loads((p / "adapter_config.json").read_text())
-        base = load_base(cfg.get("base_model_name_or_path") or "")
-        model = PeftModel.from_pretrained(base, path)
-        if merge:
-            model = model.merge_and_unload()
-    elif mla_checkpoint(p):
-        model = load_mla_checkpoint(p)
-    elif p.is_dir() and (p / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    elif p.exists():
-        raise UserError(Problem("MODEL", f"{path} holds neither a model (config.json) nor an adapter"))
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-        except OSError as exc:
-            raise UserError(Problem("MODEL", f"cannot load {path!r}: {exc}"[:400])) from None
-    return model, inference_tokenizer(path)
+from tunelab.log import say
+from tunelab.models.inference import inference_tokenizer, load_for_inference, load_reward_model, resolve_model_dir
 
 
 def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: int, limit: int | None,
@@ -129,7 +28,7 @@ def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: 
     if limit:
         rows = rows[:limit]
     result: dict[str, Any] = perplexity(model, rows, batch_size, tok.pad_token_id or 0, pack_tokens=max_length)
-    _say(f"{data}: {len(rows)} rows, {result['tokens']} scored tokens (truncated {report.truncated}, "
+    say(f"{data}: {len(rows)} rows, {result['tokens']} scored tokens (truncated {report.truncated}, "
          f"skipped {report.skipped_bad})")
     print(f"perplexity: {result['perplexity']:.4f}")
     if gen is not None:
@@ -223,7 +122,7 @@ def _note_beyond_trained(model: Any, lengths: list[int]) -> int | None:
     trained = getattr(model.config, "max_position_embeddings", None)
     beyond = [n for n in lengths if trained and n > trained]
     if beyond:
-        _say(f"note: --lengths {','.join(map(str, beyond))} go beyond the model's max_position_embeddings "
+        say(f"note: --lengths {','.join(map(str, beyond))} go beyond the model's max_position_embeddings "
              f"({trained}): that measures extrapolation past the trained context")
     return trained
 
@@ -256,14 +155,14 @@ def run_passkey_eval(model_path: str, lengths: str | Sequence[int] | None = None
                                 "and the question", f"the minimum for this tokenizer is {minimum}"))
     model, tok = load_for_inference(model_path)
     trained = _note_beyond_trained(model, lengths_)
-    grid = passkey_grid(model, tok, lengths_, depths_, trials, seed, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, log=_say)
+    grid = passkey_grid(model, tok, lengths_, depths_, trials, seed, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, log=say)
     print(format_passkey_table(grid))
     print(f"mean accuracy: {grid['mean']:.4f}  ({trials} trials per cell, seed {seed})")
     out = Path(output) if output else default_eval_dir(model_path, "passkey")
     _write_json(out / "passkey.json", {"model": model_path, "task": "passkey", "max_position_embeddings": trained,
                                        **grid})
     plot_passkey({model_path: grid}, out / "passkey.png")
-    _say(f"wrote {out / 'passkey.json'} and {out / 'passkey.png'}")
+    say(f"wrote {out / 'passkey.json'} and {out / 'passkey.png'}")
     return grid
 
 
@@ -287,7 +186,7 @@ def run_ppl_vs_length_eval(model_path: str, data: str, fmt: str = "text", length
                                 f"{max(too_long)}", "use more text (or a larger --max-tokens), or shorter --lengths"))
     model, tok = load_for_inference(model_path)
     trained = _note_beyond_trained(model, lengths_)
-    _say(f"{data}: {len(ids)} tokens")
+    say(f"{data}: {len(ids)} tokens")
     results = ppl_vs_length(model, ids, lengths_, stride, label=label)
     print(format_ppl_table(results))
     out = Path(output) if output else default_eval_dir(model_path, "ppl-vs-length")
@@ -295,7 +194,7 @@ def run_ppl_vs_length_eval(model_path: str, data: str, fmt: str = "text", length
                                              "format": fmt, "max_tokens": max_tokens, "text_tokens": len(ids),
                                              "max_position_embeddings": trained, "results": results})
     plot_ppl_vs_length({model_path: results}, out / "ppl_vs_length.png", trained_length=trained)
-    _say(f"wrote {out / 'ppl_vs_length.json'} and {out / 'ppl_vs_length.png'}")
+    say(f"wrote {out / 'ppl_vs_length.json'} and {out / 'ppl_vs_length.png'}")
     return results
 
 
@@ -310,48 +209,18 @@ def run_kv_cache_eval(model_path: str, lengths: str | Sequence[int] | None = Non
     report = kv_cache_report(model, lengths_)
     print(format_kv_report(report))
     if not report["all_match"]:
-        _say("note: a measured cache differs from the prediction (a sliding-window layer caps what it keeps, or "
+        say("note: a measured cache differs from the prediction (a sliding-window layer caps what it keeps, or "
              "the cache stores something else)")
     out = Path(output) if output else default_eval_dir(model_path, "kv-cache")
     _write_json(out / "kv_cache.json", {"model": model_path, "task": "kv-cache", **report})
-    _say(f"wrote {out / 'kv_cache.json'}")
+    say(f"wrote {out / 'kv_cache.json'}")
     return report
-
-
-def load_reward_model(path: str) -> tuple[Any, Any]:
-    """(reward model, tokenizer) from a reward run dir, its final/, or a reward LoRA adapter dir."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve_model_dir(path)
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        cfg = json.loads((p / "adapter_config.json").read_text())
-        if cfg.get("task_type") != "SEQ_CLS":
-            raise UserError(Problem("MODEL", f"{path} is a {cfg.get('task_type')} adapter, not a reward model"))
-        base = load_base(cfg["base_model_name_or_path"], head="score")
-        model = PeftModel.from_pretrained(base, path)
-    elif (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text())
-        if cfg.get("mla"):
-            raise UserError(Problem("MODEL", f"{path} is an MLA-converted causal LM, not a reward model",
-                                    "train one with method: reward"))
-        if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
-            raise UserError(Problem("MODEL", f"{path} is not a reward model ({', '.join(cfg.get('architectures') or [])})",
-                                    "train one with method: reward"))
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-    else:
-        raise UserError(Problem("MODEL", f"{path} holds neither a model (config.json) nor an adapter"))
-    tok = inference_tokenizer(path)
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok
 
 
 def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int, limit: int | None) -> dict[str, Any]:
     """Pairwise accuracy and mean margin of a reward model on preference pairs."""
     from tunelab.data.pipeline import encode_source
-    from tunelab.methods.reward import pairwise
+    from tunelab.eval.reward import pairwise
     from tunelab.specs import DataSource, DataSpec
 
     src = DataSource(source=data, format="preference")
@@ -361,7 +230,7 @@ def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int
     if limit:
         rows = rows[:limit]
     result = pairwise(model, rows, batch_size, tok.pad_token_id or 0)
-    _say(f"{data}: {result['pairs']} pairs (truncated {report.truncated}, skipped {report.skipped_bad})")
+    say(f"{data}: {result['pairs']} pairs (truncated {report.truncated}, skipped {report.skipped_bad})")
     print(f"pairwise accuracy: {result['accuracy']:.4f}")
     print(f"mean margin r(chosen) - r(rejected): {result['margin']:+.4f}  "
           f"(mean reward chosen {result['reward_chosen']:+.4f}, rejected {result['reward_rejected']:+.4f})")
@@ -378,23 +247,3 @@ def run_generate(model_path: str, prompt: str, system: str | None, gen: dict[str
     return out
 
 
-def run_merge(source: str, output: Path) -> Path:
-    """Merge a LoRA/DoRA adapter into its base weights and save model + tokenizer to ``output``."""
-    path = resolve_model_dir(source)
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise UserError(Problem("SOURCE", f"{source} is not a PEFT adapter (no adapter_config.json)",
-                                "merge takes a LoRA/DoRA run dir or adapter dir"))
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise UserError(Problem("SOURCE", f"{cfg.get('peft_type')} adapters cannot be merged into weights",
-                                "only LoRA/DoRA/QLoRA adapters merge; prefix/prompt tuning stay adapters"))
-    model, tok = load_for_inference(path, merge=True)
-    if output.exists() and any(output.iterdir()):
-        raise UserError(Problem("--output", f"{output} exists and is not empty"))
-    from tunelab.models.load import set_stop_tokens
-
-    stops = set_stop_tokens(model, tok)
-    model.save_pretrained(output)
-    tok.save_pretrained(output)
-    _say(f"merged {source} -> {output} (stops at token ids {stops})")
-    return output
