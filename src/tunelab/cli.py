@@ -8,22 +8,87 @@ so ``tunelab --help`` and recipe errors answer in well under two seconds. A user
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from tunelab.errors import Problem, UserError
 
+
+def block_options(block: type, skip: tuple[str, ...] = ("name",)) -> list[inspect.Parameter]:
+    """Options for the fields of a recipe block: ``--kv-lora-rank`` for ``kv_lora_rank``, with its description as
+    help and its default; the block itself checks the values (so they are reported as the recipe would be)."""
+    params = []
+    for name, field in block.model_fields.items():
+        if name in skip:
+            continue
+        union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+        args = [a for a in typing.get_args(field.annotation) if a is not type(None)] if union else [field.annotation]
+        optional = union and type(None) in typing.get_args(field.annotation)
+        core = args[0]
+        choices = typing.get_args(core) if typing.get_origin(core) is typing.Literal else ()
+        kind: Any = str if choices else core
+        flag = "--" + name.replace("_", "-")
+        help_ = (field.description or "") + (f" ({' | '.join(map(str, choices))})" if choices else "")
+        option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=help_)
+        default = ... if field.is_required() else field.default
+        annotation = Annotated[Optional[kind] if optional else kind, option]  # noqa: UP045
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return params
+
+
+def _convert_mla_command() -> Any:
+    """``tunelab convert mla``: its options are the mla patch block's fields (a recipe's patches[].mla keys)."""
+    from tunelab.patches.mla.block import MlaPatch
+
+    def convert_mla(model: str, output: Path, device: str, **fields: Any) -> None:
+        """Convert a Llama/Qwen2/Mistral model to multi-head latent attention (MLA) and save it."""
+        from tunelab.convert import run_convert_mla
+
+        _guard(run_convert_mla, model, output, device=device, **fields)
+
+    fixed = [
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+            str, typer.Argument(help="model dir, run dir, hub id or builtin:tiny-*")]),
+        inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+            Path, typer.Option("-o", "--output", help="new folder for the converted model")]),
+        inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=Annotated[
+            str, typer.Option(help="auto (cuda when available) | cpu | cuda | cuda:N")]),
+    ]
+    params = fixed + block_options(MlaPatch)
+    convert_mla.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    convert_mla.__annotations__ = {p.name: p.annotation for p in params}
+    sub = typer.Typer()
+    sub.command("mla")(convert_mla)
+    return typer.main.get_command(sub)
+
+
+class _ConvertGroup(TyperGroup):
+    """``tunelab convert``: commands built when the group is used, from the patch blocks (importing those for every
+    ``tunelab --help`` would add 0.1 s to it)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return ["mla"]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        return _convert_mla_command() if cmd_name == "mla" else None
+
+
 app = typer.Typer(help="Fine-tune language models from YAML recipes.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-recipes_app = typer.Typer(help="The shipped recipe library: list, show, copy.", no_args_is_help=True)
-app.add_typer(recipes_app, name="recipes")
-convert_app = typer.Typer(help="Convert a model's architecture (mla: multi-head latent attention).",
+recipes_app = typer.Typer(help="The shipped recipe library (list, show, copy) and the recipe schema.",
                           no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+convert_app = typer.Typer(cls=_ConvertGroup, help="Convert a model's architecture (mla: multi-head latent "
+                          "attention).", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 export_app = typer.Typer(help="Export a converted model to another architecture's checkpoint format.",
                          no_args_is_help=True)
@@ -219,42 +284,6 @@ def merge(
     _guard(run_merge, source, output)
 
 
-PARTIAL_ROPE = ("high", "low", "uniform", "2-norm")
-
-
-@convert_app.command("mla")
-def convert_mla(
-    model: Annotated[str, typer.Argument(help="model dir, run dir, hub id or builtin:tiny-*")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="new folder for the converted model")],
-    kv_lora_rank: Annotated[int, typer.Option(help="size of the cached latent per token per layer (at most "
-                                              "2 x num_kv_heads x head_dim)")],
-    rope_dim: Annotated[int, typer.Option(help="RoPE'd key dims kept per KV head (per-head) or in all (shared); "
-                                          "even, at most head_dim")],
-    partial_rope: Annotated[str, typer.Option(help="which frequency pairs keep RoPE: " + " | ".join(PARTIAL_ROPE)
-                                              + " (2-norm: largest query/key norms on --calibration-data)")] = "high",
-    svd: Annotated[str, typer.Option(help="joint: one SVD of [W_k_nope; W_v] | split: keys and values "
-                                     "separately")] = "joint",
-    rope_key: Annotated[str, typer.Option(help="per-head: a RoPE key per KV head (MHA2MLA) | shared: one for all "
-                                          "heads (DeepSeek)")] = "per-head",
-    latent_norm: Annotated[bool, typer.Option("--latent-norm", help="RMS-normalise the cached latent (DeepSeek; "
-                                              "needed by export deepseek)")] = False,
-    calibration_data: Annotated[Optional[str], typer.Option(help="tokens to calibrate on: builtin:NAME, a file or a "
-                                                            "hub dataset (needed by --partial-rope 2-norm)")] = None,
-    calibration_format: Annotated[Optional[str], typer.Option(help="text | messages | sharegpt | alpaca | "
-                                                              "prompt_completion (default: from the columns)")] = None,
-    calibration_samples: Annotated[int, typer.Option(help="calibration rows")] = 32,
-    calibration_length: Annotated[int, typer.Option(help="tokens per calibration row")] = 128,
-    device: Annotated[str, typer.Option(help="auto (cuda when available) | cpu | cuda | cuda:N")] = "auto",
-) -> None:
-    """Convert a Llama/Qwen2/Mistral model to multi-head latent attention (MLA) and save it."""
-    from tunelab.convert import run_convert_mla
-
-    _guard(run_convert_mla, model, output, kv_lora_rank, rope_dim, partial_rope=partial_rope, svd=svd,
-           rope_key=rope_key, latent_norm=latent_norm, calibration_data=calibration_data,
-           calibration_format=calibration_format, calibration_samples=calibration_samples,
-           calibration_length=calibration_length, device=device)
-
-
 @export_app.command("deepseek")
 def export_deepseek(
     model: Annotated[str, typer.Argument(help="an MLA-converted model dir or run dir (tunelab convert mla)")],
@@ -295,6 +324,16 @@ def recipes_cp(
 
     out = _guard(copy_recipe, name, dest)
     typer.echo(f"copied to {out}")
+
+
+@recipes_app.command("schema")
+def recipes_schema() -> None:
+    """Print the JSON Schema of a recipe file, for editors that validate and complete YAML (see the README)."""
+    import json
+
+    from tunelab.recipe.reference import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
 
 
 LAUNCH = "Slurm (--slurm)"
@@ -339,7 +378,8 @@ def launch(
                                                        rich_help_panel=LAUNCH)] = None,
 ) -> None:
     """Run a recipe on several processes or nodes with torchrun, or render a Slurm script."""
-    from tunelab.launch.launcher import LaunchOptions, Rendezvous, run_launch
+    from tunelab.launch.launcher import LaunchOptions, run_launch
+    from tunelab.launch.torchrun import Rendezvous
 
     rdzv = Rendezvous(nproc_per_node=nproc_per_node or 1, nnodes=nnodes, node_rank=node_rank,
                       master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint,

@@ -17,13 +17,15 @@ from typing import Any
 
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
+from tunelab.models.builtin import BUILTIN_MODELS, builtin_config, builtin_model, builtin_tokenizer
+from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path, pretrained_kwargs
+from tunelab.models.inference import resolve_model_dir
+from tunelab.models.load import is_tiny_builtin, load_gguf_model, missing_local_model, mla_checkpoint
+from tunelab.patches.mla.block import MlaPatch, mla_config_problems
+from tunelab.patches.mla.calibration import calibration_problems, calibration_token_ids
 
-# MlaPatch field -> the option of `tunelab convert mla` that sets it ("" = the model argument)
-CONVERT_OPTIONS = {"": "MODEL", "kv_lora_rank": "--kv-lora-rank", "rope_dim": "--rope-dim",
-                   "partial_rope": "--partial-rope", "svd": "--svd", "rope_key": "--rope-key",
-                   "latent_norm": "--latent-norm", "calibration_data": "--calibration-data",
-                   "calibration_format": "--calibration-format", "calibration_samples": "--calibration-samples",
-                   "calibration_length": "--calibration-length"}
+# MlaPatch field -> the option of `tunelab convert mla` that sets it (the CLI builds one option per field)
+CONVERT_OPTIONS = {"": "MODEL", **{name: "--" + name.replace("_", "-") for name in MlaPatch.model_fields if name != "name"}}
 
 
 def _option(field: str) -> str:
@@ -38,8 +40,6 @@ def _check_output(output: Path) -> None:
 def mla_spec_from_options(**options: Any) -> Any:
     """The MlaPatch block of ``tunelab convert mla``'s options, or a UserError naming each bad option."""
     from pydantic import ValidationError
-
-    from tunelab.patches.mla_patch import MlaPatch
 
     try:
         return MlaPatch(name="mla", **options)
@@ -60,9 +60,6 @@ def mla_spec_from_options(**options: Any) -> Any:
 
 def _model_config(model: str) -> Any:
     """The config of MODEL without its weights (built-in, local dir, or hub id), or a UserError."""
-    from tunelab.models.builtin import BUILTIN_MODELS, builtin_config
-    from tunelab.models.gguf import REAL_BUILTINS
-
     if model.startswith("builtin:") and model[len("builtin:") :] not in REAL_BUILTINS:
         name = model[len("builtin:") :]
         if name not in BUILTIN_MODELS:
@@ -70,8 +67,6 @@ def _model_config(model: str) -> Any:
                                     "known: " + ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)))
         return builtin_config(name)
     from transformers import AutoConfig
-
-    from tunelab.models.gguf import pretrained_kwargs
 
     try:
         where, extra = pretrained_kwargs(model, "MODEL")
@@ -84,14 +79,9 @@ def _model_config(model: str) -> Any:
 
 def _tokenizer(model: str, required: bool) -> Any:
     """The model's tokenizer; None when it has none and nothing needs one (it is then not saved)."""
-    from tunelab.models.builtin import builtin_tokenizer
-    from tunelab.models.load import is_tiny_builtin
-
     if is_tiny_builtin(model):
         return builtin_tokenizer()
     from transformers import AutoTokenizer
-
-    from tunelab.models.gguf import pretrained_kwargs
 
     try:
         where, extra = pretrained_kwargs(model, "MODEL")
@@ -110,10 +100,6 @@ def _tokenizer(model: str, required: bool) -> Any:
 def _load_model(model: str, device: str) -> Any:
     """The causal LM, in its saved dtype, on ``device`` (sdpa attention: MLA reads its masks)."""
     from transformers import AutoModelForCausalLM
-
-    from tunelab.models.builtin import builtin_model
-    from tunelab.models.gguf import is_gguf_path
-    from tunelab.models.load import is_tiny_builtin, load_gguf_model
 
     if is_tiny_builtin(model):
         m = builtin_model(model[len("builtin:") :], attn_implementation="sdpa")
@@ -146,10 +132,6 @@ def run_convert_mla(model: str, output: str | Path, kv_lora_rank: int, rope_dim:
                     calibration_samples: int = 32, calibration_length: int = 128,
                     device: str = "auto") -> dict[str, Any]:
     """Convert MODEL's attention to MLA and save it to ``output``; returns (and prints) a summary."""
-    from tunelab.models.inference import resolve_model_dir
-    from tunelab.models.load import missing_local_model
-    from tunelab.patches.mla_patch import calibration_problems, mla_config_problems
-
     output = Path(output)
     spec = mla_spec_from_options(kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, partial_rope=partial_rope, svd=svd,
                                  rope_key=rope_key, latent_norm=latent_norm, calibration_data=calibration_data,
@@ -172,8 +154,7 @@ def run_convert_mla(model: str, output: str | Path, kv_lora_rank: int, rope_dim:
         raise UserError(problems)
     import torch
 
-    from tunelab.patches.mla import convert_to_mla, kv_cache_bytes_per_token, reconstruction_error
-    from tunelab.patches.mla_patch import calibration_token_ids
+    from tunelab.patches.mla.convert import convert_to_mla, kv_cache_bytes_per_token, reconstruction_error
 
     tokenizer = _tokenizer(model, required=spec.calibration_data is not None)
     calibration = None
@@ -215,9 +196,6 @@ def run_convert_mla(model: str, output: str | Path, kv_lora_rank: int, rope_dim:
 
 def run_export_deepseek(model: str, output: str | Path, rope_layout: str = "interleaved") -> dict[str, Any]:
     """Export an MLA-converted model (dir or run) as a DeepSeek-V3 checkpoint; prints and returns the summary."""
-    from tunelab.models.inference import resolve_model_dir
-    from tunelab.models.load import mla_checkpoint
-
     layouts = ("interleaved", "half-split")
     if rope_layout not in layouts:
         raise UserError(Problem("--rope-layout", f"unknown layout {rope_layout!r}", "use " + " or ".join(layouts)))
@@ -232,7 +210,7 @@ def run_export_deepseek(model: str, output: str | Path, rope_layout: str = "inte
         raise UserError(Problem("MODEL", f"{model} is not an MLA-converted model directory (no mla block in its "
                                 "config.json)", "convert it first: tunelab convert mla MODEL -o DIR --kv-lora-rank R "
                                 "--rope-dim D --rope-key shared --latent-norm"))
-    from tunelab.patches.mla_export import export_deepseek
+    from tunelab.patches.mla.export import export_deepseek
 
     try:
         summary = export_deepseek(p, output, rope_layout=rope_layout)

@@ -73,8 +73,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.data.formats import BadRow, convert
+from tunelab.data.pipeline import encode_source
+from tunelab.data.sources import iter_rows, resolve_source
+from tunelab.data.templates import choice_of
+from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 from tunelab.errors import Problem, UserError
 from tunelab.methods import method_of
+from tunelab.models.load import load_config, load_tokenizer
+from tunelab.models.peft import quantization_of
+from tunelab.recipe.load import load_recipe
 
 GIB = 2**30
 FIT_FRACTION = 0.9  # of the GPU's memory: room for the CUDA context, fragmentation, transient buffers
@@ -372,9 +380,6 @@ def parse_memory(text: str) -> float:
 def estimate(recipe: Any, gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: int | None = None,
              gpu: bool = True, config: Any = None) -> Plan:
     """The per-GPU memory of every strategy for ``recipe`` and the cheapest that fits (no weights loaded)."""
-    from tunelab.models.load import load_config
-    from tunelab.models.peft import quantization_of
-
     config = config if config is not None else load_config(recipe.model)
     if config is None:
         raise UserError(Problem("model.path", f"the config of {recipe.model.path!r} is not available here "
@@ -515,8 +520,6 @@ def offline_hub_source(src: Any, key: str) -> bool:
     """A hub dataset on a machine told to stay offline: not read (as ``validate`` does)."""
     import os
 
-    from tunelab.data.sources import resolve_source
-
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     return offline and not resolve_source(src.source, key).is_local
 
@@ -526,8 +529,6 @@ def length_histograms(recipe: Any, tokenizer: Any) -> list[LengthHistogram]:
     the recipe's ``max_length`` / ``on_overflow`` (the truncated and dropped counts training will report).
     Hub datasets are skipped when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set."""
     from types import SimpleNamespace
-
-    from tunelab.data.pipeline import encode_source
 
     d = recipe.data
     out = []
@@ -561,10 +562,6 @@ def render_examples(recipe: Any, tokenizer: Any, color: bool = False) -> list[tu
     turn. Preference pairs: prompt + chosen and prompt + rejected. Prompts (online RL): the
     rendered prompt the policy continues (no loss tokens: the loss is on generated text).
     """
-    from tunelab.data.formats import BadRow, convert
-    from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
-
     out: list[tuple[str, str]] = []
     for i, src in enumerate(recipe.data.train):
         key = f"data.train[{i}].source"
@@ -662,8 +659,6 @@ def format_plan(plan: Plan) -> list[str]:
 def run_plan(recipe_path: str, overrides: list[str], gpus: int = 1, gpu_memory: str = "80GB",
              seq_len: int | None = None, color: bool = False, data: bool = True) -> list[str]:
     """``tunelab plan``: the memory table, the data's length histogram and the first example's loss mask."""
-    from tunelab.recipe.load import load_recipe
-
     if gpus < 1:
         raise UserError(Problem("--gpus", f"{gpus} GPUs", "give at least 1"))
     mem = parse_memory(gpu_memory)
@@ -679,7 +674,6 @@ def run_plan(recipe_path: str, overrides: list[str], gpus: int = 1, gpu_memory: 
             return lines + [f"data: not shown: the tokenizer of {recipe.model.path} is not available here either"]
     if not data:
         return lines
-    from tunelab.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     histograms = length_histograms(recipe, tokenizer)
@@ -699,7 +693,6 @@ def run_plan(recipe_path: str, overrides: list[str], gpus: int = 1, gpu_memory: 
         lines.append(f"  on_overflow: {h.on_overflow}: {n_over} rows {verb}; {r.dropped_no_labels} dropped with "
                      f"no response tokens; {r.used} of {r.rows} rows used, {r.tokens} tokens "
                      f"({r.label_tokens} trained)")
-    from tunelab.data.templates import choice_of
 
     choice = choice_of(tokenizer)
     if choice.text:

@@ -23,10 +23,11 @@ class Strict(BaseModel):
 class QuantizationSpec(Strict):
     """bitsandbytes quantization of the frozen base weights (QLoRA)."""
 
-    bits: Literal[4, 8] = 4
+    bits: Literal[4, 8] = Field(4, description="4 (QLoRA: nf4/fp4) or 8 (LLM.int8) bits per frozen base weight")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
     double_quant: bool = Field(True, description="quantize the quantization constants too")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="dtype the dequantized weights compute in (float32 on a CPU)")
 
 
 class ModelSpec(Strict):
@@ -39,10 +40,14 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU"
     )
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel: sdpa (PyTorch), eager (reference), flash_attention_2 (needs the "
+        "flash-attn package and a GPU; packed batches are then padding-free)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
+                                         "about a third more compute")
     trust_remote_code: bool = Field(False, description="run code shipped with the model; only ever from the recipe")
-    quantization: QuantizationSpec | None = None
+    quantization: QuantizationSpec | None = Field(None, description="load the frozen base quantized (bitsandbytes); "
+                                                  "needs a peft block")
     chat_template: str = Field(
         "auto", description="auto: the model's own template (a registry family's training version when it renders "
         "like one); a registry name (chatml, smollm2, qwen2.5, qwen3, llama3, mistral-v3, mistral-v7-tekken, gemma2, "
@@ -54,14 +59,18 @@ class ModelSpec(Strict):
 class LoraSpec(Strict):
     """LoRA (Hu et al. 2021): W + B A * alpha / r with B zero-initialised. DoRA adds a magnitude vector."""
 
-    method: Literal["lora", "dora", "qlora"]
-    r: int = Field(16, ge=1, le=4096)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"  # noqa: UP007
+    method: Literal["lora", "dora", "qlora"] = Field(description="lora; dora (a trained magnitude per output); "
+                                                     "qlora (lora on a 4-bit base)")
+    r: int = Field(16, ge=1, le=4096, description="rank of the update B A (trainable parameters grow with r)")
+    alpha: float = Field(32, gt=0, description="the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input during training")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(  # noqa: UP007
+        "all-linear", description="all-linear: every linear layer but the LM head; or module names, e.g. "
+        "[q_proj, v_proj]")
     use_rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases also train")
+    modules_to_save: list[str] | None = Field(None, description="modules trained in full and saved with the adapter, "
+                                              "e.g. [lm_head] or [score]")
     quantization: QuantizationSpec | None = Field(
         None, description="qlora only: how to quantize the base (default 4-bit nf4, double quant)"
     )
@@ -76,16 +85,16 @@ class LoraSpec(Strict):
 class PrefixSpec(Strict):
     """Prefix tuning (Li & Liang 2021): trained key/value prefixes at every layer."""
 
-    method: Literal["prefix"]
-    num_virtual_tokens: int = Field(16, ge=1, le=4096)
-    prefix_projection: bool = False
+    method: Literal["prefix"] = Field(description="prefix tuning")
+    num_virtual_tokens: int = Field(16, ge=1, le=4096, description="trained key/value positions per layer")
+    prefix_projection: bool = Field(False, description="reparameterise the prefixes through an MLP (Li & Liang)")
 
 
 class PromptSpec(Strict):
     """Prompt tuning (Lester et al. 2021): trained soft-prompt embeddings before the input."""
 
-    method: Literal["prompt"]
-    num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    method: Literal["prompt"] = Field(description="prompt tuning")
+    num_virtual_tokens: int = Field(16, ge=1, le=4096, description="trained soft-prompt embeddings before the input")
     init_text: str | None = Field(None, description="initialise the soft prompt from this text's embeddings")
 
 
@@ -96,10 +105,13 @@ class DataSource(Strict):
     """One dataset: a local file, a hub dataset or a bundled one, in one of the known formats."""
 
     source: str = Field(description="path to .jsonl/.json/.parquet/.csv, a hub dataset id, or builtin:NAME")
-    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt"] = "messages"
-    split: str = "train"
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "prompt"] = Field(
+        "messages", description="row layout: messages (role/content turns), sharegpt (from/value), alpaca "
+        "(instruction/input/output), prompt_completion, text (plain documents), preference (prompt/chosen/rejected), "
+        "prompt (prompt only: grpo, ppo)")
+    split: str = Field("train", description="hub dataset split")
     config: str | None = Field(None, description="hub dataset configuration name")
-    revision: str | None = None
+    revision: str | None = Field(None, description="hub dataset revision (branch, tag or commit)")
     field_map: dict[str, str] = Field(
         default_factory=dict, description="canonical field -> column name in this dataset, e.g. {messages: conversations}"
     )
@@ -121,43 +133,50 @@ class DataSource(Strict):
 class DataSpec(Strict):
     """Training and evaluation data, how long a row may be and what happens to bad rows."""
 
-    train: list[DataSource] = Field(min_length=1)
-    eval: list[DataSource] = Field(default_factory=list)
+    train: list[DataSource] = Field(min_length=1, description="training sources, mixed by weight or samples")
+    eval: list[DataSource] = Field(default_factory=list, description="held-out sources (never trained on)")
     eval_split: float = Field(0.0, ge=0, lt=1, description="hold out this fraction of train for eval when eval is empty")
-    max_length: int = Field(1024, ge=8, le=1_048_576)
-    on_overflow: Literal["truncate", "drop", "error"] = "drop"
-    on_bad_row: Literal["error", "skip"] = "error"
+    max_length: int = Field(1024, ge=8, le=1_048_576, description="tokens per example after the chat template "
+                            "(and per packed row)")
+    on_overflow: Literal["truncate", "drop", "error"] = Field(
+        "drop", description="an example longer than max_length: drop it, truncate it (pairs: the prompt is cut "
+        "first), or stop with an error; counts are reported either way")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="a row that does not fit its format: stop naming file and row, or skip it (counted)")
     train_on_prompt: bool = Field(False, description="also put loss on user/system/prompt tokens")
     packing: bool = Field(True, description="best-fit packing without cross-example attention (padding-free with flash-attention)")
-    seed: int = 42
+    seed: int = Field(42, description="seed of the mixture sampling, the eval_split and the shuffle")
 
 
 class TrainSpec(Strict):
     """The optimisation loop: shared by every method."""
 
-    output_dir: str = "runs/run"
-    epochs: float = Field(1.0, gt=0)
+    output_dir: str = Field("runs/run", description="the run directory: checkpoints, final/, lock file, metrics, plots")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
     max_steps: int = Field(-1, ge=-1, description="-1: run for `epochs`")
-    learning_rate: float = Field(2.0e-5, gt=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    optim: str = "adamw_torch"
+    learning_rate: float = Field(2.0e-5, gt=0, lt=1, description="peak learning rate (after warmup)")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = Field(
+        "cosine", description="how the learning rate decays after warmup (transformers' schedulers)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps spent warming up linearly from 0")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: no clipping)")
+    optim: str = Field("adamw_torch", description="optimizer name, as transformers' TrainingArguments.optim takes it")
     batch_size: int = Field(8, ge=1, description="per-device micro batch")
-    grad_accum: int = Field(1, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step; the global batch is "
+                            "batch_size x grad_accum x processes")
+    eval_batch_size: int | None = Field(None, ge=1, description="per-device batch when evaluating (default: batch_size)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 mixed precision on a GPU that supports it, fp32 on CPU"
     )
-    seed: int = 42
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int | None = Field(2, ge=1)
+    seed: int = Field(42, description="seed of the model initialisation (new heads, adapters), dropout and sampling")
+    logging_steps: int = Field(10, ge=1, description="log loss, learning rate and gradient norm every N steps")
+    save_steps: int = Field(500, ge=1, description="write a checkpoint every N steps (resumable with --resume auto)")
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (the oldest are deleted); null keeps all")
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end only)")
     eval_before_train: bool = Field(False, description="also measure eval perplexity of the starting model")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(default_factory=lambda: ["tensorboard"])
-    num_workers: int = Field(0, ge=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers (metrics.jsonl and plots are always written)")
+    num_workers: int = Field(0, ge=0, description="data loader worker processes (0: load in the training process)")
 
 
 ZERO_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
@@ -237,7 +256,7 @@ class MethodBlock(Strict):
     the method registry; what a method does is its ``methods.base.Method`` object.
     """
 
-    name: str
+    name: str = Field(description="the method: a METHODS key")
     model_head: ClassVar[Literal["causal", "score"]] = "causal"  # the head of the model it trains
 
     def micro_batch(self, train: TrainSpec) -> tuple[int, int]:

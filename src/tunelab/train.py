@@ -11,10 +11,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.pipeline import build_datasets, data_fingerprints
+from tunelab.data.templates import choice_of
+from tunelab.distributed.config import zero_stage
+from tunelab.distributed.process_group import close_process_group, connectivity_check, deepspeed_process_group
+from tunelab.distributed.zero_checkpoint import load_universal, make_universal, resume_plan
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
 from tunelab.methods import method_of
-from tunelab.runs import RunDir, loss_summary, metrics_callback, plot_metrics
+from tunelab.models.builtin import builtin_model
+from tunelab.models.load import is_tiny_builtin, load_model, load_tokenizer, missing_models, set_stop_tokens
+from tunelab.models.peft import apply_peft, quantization_of, uses_virtual_tokens
+from tunelab.patches import apply_patches, patch_data_sources
+from tunelab.recipe.load import load_recipe
+from tunelab.recipe.lock import read_lock_provenance, write_lock
+from tunelab.recipe.validate import validate
+from tunelab.runs import RunDir, loss_summary, metrics_callback, model_card, plot_metrics
 
 
 def _cuda() -> bool:
@@ -41,8 +53,6 @@ def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
 def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]],
                     chat_template: dict[str, Any] | None = None) -> None:
     """When re-running a lock file, say if the data or the chat template changed since it was written."""
-    from tunelab.recipe.lock import read_lock_provenance
-
     prov = read_lock_provenance(recipe_path)
     if not prov:
         return
@@ -60,8 +70,6 @@ def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]],
 
 def distributed_strategy(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]) -> str:
     """The recipe's distributed.strategy, read before anything forms a process group (schema only)."""
-    from tunelab.recipe.load import load_recipe
-
     try:
         return load_recipe(recipe_path, overrides).recipe.distributed.strategy
     except UserError:
@@ -118,7 +126,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         # (gloo) process group on CPU when told to, otherwise every rank trains alone. (Under
         # DeepSpeed the CPU flag would turn DeepSpeed off; PPO asks for gloo itself.)
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    from tunelab.recipe.validate import validate
 
     loaded, notes = validate(recipe_path, overrides)
     for note in notes:
@@ -126,7 +133,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     recipe = loaded.recipe
     if recipe.distributed.strategy == "fsdp2" and (problem := fsdp2_problem()):
         raise UserError(problem)
-    from tunelab.models.load import missing_models
 
     missing = missing_models(recipe)
     if missing:
@@ -136,30 +142,21 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     universal, resume_notes = None, []
     method = method_of(recipe.method)
     if resume_from is not None and not method.owns_checkpointing:  # a trainer of our own checks its checkpoints
-        from tunelab.distributed.config import zero_stage
-        from tunelab.distributed.zero_checkpoint import resume_plan
 
         universal, resume_notes = resume_plan(resume_from, zero_stage(recipe), int(os.environ.get("WORLD_SIZE", "1")))
 
     from transformers import set_seed
 
-    from tunelab.data.pipeline import build_datasets, data_fingerprints
-    from tunelab.models.builtin import builtin_model
-    from tunelab.models.load import load_model, load_tokenizer
-    from tunelab.models.peft import apply_peft, quantization_of, uses_virtual_tokens
-    from tunelab.recipe.lock import write_lock
-
     set_seed(recipe.train.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.model)
-    from tunelab.data.templates import choice_of
 
     template = choice_of(tokenizer)  # said by validate()
     train_ds, eval_ds, report = build_datasets(recipe, tokenizer)
     for line in report.lines():
         say(line)
     run.data_report.write_text(json.dumps(report.to_dict(), indent=2))
-    fingerprints = data_fingerprints(recipe)
+    fingerprints = data_fingerprints(recipe, patch_data_sources(recipe))
     template_record = template.lock_record() if template.text else None
     check_lock_data(loaded.path, fingerprints, template_record)
     write_lock(run.lock, loaded, fingerprints, template_record)
@@ -168,13 +165,10 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     model = load_model(recipe.model, quantization_of(recipe), full_finetune=recipe.peft is None, head=head)
     if head == "score":  # the reward head reads the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
-    from tunelab.models.load import is_tiny_builtin
 
     if is_tiny_builtin(recipe.model.path):
         model.config.name_or_path = recipe.model.path
     if recipe.patches:
-        from tunelab.patches import apply_patches
-
         for record in apply_patches(model, recipe, tokenizer):
             say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
     if recipe.peft is not None:
@@ -185,9 +179,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             if not base_dir.exists():
                 base = builtin_model(recipe.model.path[len("builtin:") :], head=head)
                 if recipe.patches:
-                    from tunelab.patches import apply_patches
-
-                    # the adapter's base must rotate (and attend) as the trained model did
+                                # the adapter's base must rotate (and attend) as the trained model did
                     apply_patches(base, recipe, tokenizer)
                 base.save_pretrained(base_dir)
                 tokenizer.save_pretrained(base_dir)
@@ -216,7 +208,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # read by transformers' callback
     if recipe.distributed.strategy.startswith("zero") and not method.owns_checkpointing:  # HF's Trainer
-        from tunelab.distributed.process_group import deepspeed_process_group
 
         deepspeed_process_group()
     trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
@@ -227,7 +218,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
                            f"({accelerator.distributed_type.value}): each would train alone. Launch with `accelerate "
                            "launch --multi_gpu` (DDP; gloo without CUDA) or --use_deepspeed, not --cpu; or torchrun with "
                            "distributed.strategy set in the recipe")
-    from tunelab.distributed.process_group import connectivity_check
 
     connectivity_check()  # every rank is in the group (a missing one is named) before any step runs
     # said out loud: a launch that meant N processes but formed none trains N separate copies
@@ -236,8 +226,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     say(f"{accelerator.num_processes} process(es), distributed: {accelerator.distributed_type.value}"
          + (f" ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if summary["distributed"] == "DEEPSPEED" else ""))
     if universal is not None:
-        from tunelab.distributed.zero_checkpoint import load_universal, make_universal
-
         for note in resume_notes:
             say(note)
         if accelerator.is_main_process:
@@ -249,8 +237,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     elif resume == "auto":
         say("no complete checkpoint to resume from: starting fresh")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-
-    from tunelab.models.load import set_stop_tokens
 
     saved = getattr(trainer, "saved_model", None) or trainer.model  # our PPO trainer saves its policy
     stops = set_stop_tokens(saved, tokenizer)  # a PeftModel passes generation_config through to its base
@@ -282,14 +268,11 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         plot_metrics(run)
         run.summary.write_text(json.dumps(summary, indent=2))
         if run.final.is_dir():
-            from tunelab.runs import model_card
-
             stop_names = tokenizer.convert_ids_to_tokens(stops) if stops else []
             (run.final / "README.md").write_text(model_card(recipe, summary, report.to_dict(), template_record,
                                                             stop_names, run.lock.read_text(encoding="utf-8")),
                                                  encoding="utf-8")
     say(f"done: {run.final}")
-    from tunelab.distributed.process_group import close_process_group
 
     close_process_group()
     return summary

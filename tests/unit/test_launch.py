@@ -8,16 +8,10 @@ import subprocess
 import pytest
 
 from tunelab.errors import UserError
-from tunelab.launch.launcher import (
-    Failure,
-    Host,
-    Rendezvous,
-    hostfile_commands,
-    parse_hostfile,
-    parse_torchrun_failure,
-    torchrun_command,
-)
+from tunelab.launch.hostfile import Host, hostfile_commands, parse_hostfile
+from tunelab.launch.monitor import Failure, parse_torchrun_failure
 from tunelab.launch.slurm import SlurmJob, render_sbatch
+from tunelab.launch.torchrun import Rendezvous, torchrun_command
 
 RECIPE = "recipes/quickstart/sft.yaml"
 SETS = ["train.max_steps=3", "train.output_dir=runs/a b"]

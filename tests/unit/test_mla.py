@@ -1,4 +1,4 @@
-"""MLA conversion (patches/mla.py): exactness at full rank, cache, absorbed path, sizes, save/reload."""
+"""MLA conversion (patches/mla/convert.py): exactness at full rank, cache, absorbed path, sizes, save/reload."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tunelab.models.builtin import builtin_config, builtin_model
-from tunelab.patches.mla import (
-    MLAAttention,
-    MLACache,
+from tunelab.patches.mla.attention import MLAAttention, MLACache
+from tunelab.patches.mla.convert import (
     convert_to_mla,
     kv_cache_bytes_per_token,
     load_mla_model,

@@ -14,7 +14,7 @@ from tunelab.cli import app
 from tunelab.data.sources import BUILTIN_DATA
 from tunelab.errors import UserError
 from tunelab.models.builtin import builtin_config, builtin_tokenizer
-from tunelab.patches.mla import MLAAttention
+from tunelab.patches.mla.attention import MLAAttention
 
 CFG = builtin_config("tiny-llama")
 LAYERS, N_KV, HEAD_DIM = CFG.num_hidden_layers, CFG.num_key_value_heads, CFG.hidden_size // CFG.num_attention_heads
@@ -134,7 +134,8 @@ def test_export_deepseek(tmp_path, converted):
 
 
 def test_calibration_tokens_render_conversations_through_the_chat_template():
-    from tunelab.patches.mla_patch import MlaPatch, calibration_token_ids
+    from tunelab.patches.mla.block import MlaPatch
+    from tunelab.patches.mla.calibration import calibration_token_ids
 
     tok = builtin_tokenizer()
     spec = MlaPatch(name="mla", kv_lora_rank=8, rope_dim=4, partial_rope="2-norm",
@@ -157,7 +158,7 @@ def test_calibration_tokens_render_conversations_through_the_chat_template():
 def test_models_load_reads_a_converted_dir_in_the_asked_dtype(converted):
     from tunelab.models.inference import load_for_inference
     from tunelab.models.load import load_model
-    from tunelab.patches.mla import load_mla_model
+    from tunelab.patches.mla.convert import load_mla_model
     from tunelab.specs import ModelSpec, QuantizationSpec
 
     reference = load_mla_model(converted)

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
 from tunelab.models.builtin import builtin_config, builtin_model
-from tunelab.patches.mla import (
-    MLACache,
+from tunelab.patches.mla.attention import MLACache
+from tunelab.patches.mla.convert import (
     convert_to_mla,
     kv_cache_bytes_per_token,
     load_mla_model,
@@ -23,7 +23,7 @@ from tunelab.patches.mla import (
     set_absorbed,
     shared_rope_mix,
 )
-from tunelab.patches.mla_export import deepseek_rope_theta, export_deepseek
+from tunelab.patches.mla.export import deepseek_rope_theta, export_deepseek
 
 HEAD_DIM = 32
 

@@ -109,9 +109,9 @@ def test_sft_trainer_on_packed_rows_uses_it(tmp_path):
     assert trainer.model.config._attn_implementation == "sdpa"  # the plain trainer leaves it
     from unittest import mock
 
-    with mock.patch.object(sft, "trl_config", return_value=args):
+    with mock.patch.object(sft.SFT, "trl_config", return_value=args):
         built = sft.SFT().build_trainer(mock.Mock(), builtin_model("tiny-llama"), builtin_tokenizer(),
-                                  Dataset.from_list(rows), None, [])
+                                        Dataset.from_list(rows), None, [])
     assert built.model.config._attn_implementation == attention.NAME
 
 

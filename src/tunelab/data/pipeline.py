@@ -21,6 +21,7 @@ from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
 from tunelab.data.sources import fingerprint, iter_rows, resolve_source
 from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 from tunelab.errors import DataError, Problem
+from tunelab.specs import DataSource
 
 
 @dataclass
@@ -234,20 +235,19 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
     return to_ds(train), (to_ds(eval_rows) if eval_rows else None), report
 
 
-def data_fingerprints(recipe: Any) -> list[dict[str, Any]]:
-    """Fingerprints of every train and eval source and of patches' calibration data, for the lock file."""
-    from tunelab.specs import DataSource
+def data_fingerprints(recipe: Any, extra: list[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+    """Fingerprints of every train and eval source and of ``extra`` (recipe key, source) pairs, for the lock file.
 
+    ``extra`` holds the data the recipe's patches read (``patches.patch_data_sources``), fingerprinted as text.
+    """
     out = []
     for split, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, src in enumerate(sources):
             resolved = resolve_source(src.source, f"data.{split}[{i}].source")
             out.append({"split": split, **fingerprint(src, resolved)})
-    for i, patch in enumerate(recipe.patches):
-        source = getattr(patch, "calibration_data", None)
-        if source:
-            src = DataSource(source=source, format="text")
-            out.append({"split": f"patches[{i}]", **fingerprint(src, resolve_source(source, f"patches[{i}]"))})
+    for key, source in extra:
+        src = DataSource(source=source, format="text")
+        out.append({"split": key, **fingerprint(src, resolve_source(source, key))})
     return out
 
 

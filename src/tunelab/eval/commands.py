@@ -6,21 +6,32 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from tunelab.data.formats import BadRow, to_canonical
+from tunelab.data.pipeline import encode_source
+from tunelab.data.sources import iter_rows, resolve_source
 from tunelab.errors import Problem, UserError
+from tunelab.eval.generate import bleu, generate, rouge_l
+from tunelab.eval.kv_cache import format_kv_report, kv_cache_report
+from tunelab.eval.long_context import format_ppl_table, plot_ppl_vs_length, ppl_vs_length, text_token_ids
+from tunelab.eval.passkey import (
+    DEFAULT_MAX_NEW_TOKENS,
+    format_passkey_table,
+    passkey_grid,
+    passkey_min_length,
+    plot_passkey,
+)
+from tunelab.eval.perplexity import perplexity
+from tunelab.eval.reward import pairwise
 from tunelab.log import say
+from tunelab.models.builtin import BUILTIN_MODELS, builtin_tokenizer
+from tunelab.models.gguf import is_gguf_path
 from tunelab.models.inference import inference_tokenizer, load_for_inference, load_reward_model, resolve_model_dir
+from tunelab.specs import DataSource, DataSpec
 
 
 def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: int, limit: int | None,
              gen: dict[str, Any] | None, samples: int) -> dict[str, Any]:
     """Perplexity (and optionally generation scores) of a model on one data source."""
-    from tunelab.data.formats import BadRow, to_canonical
-    from tunelab.data.pipeline import encode_source
-    from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.eval.generate import bleu, generate, rouge_l
-    from tunelab.eval.perplexity import perplexity
-    from tunelab.specs import DataSource, DataSpec
-
     src = DataSource(source=data, format=fmt)  # type: ignore[arg-type]
     spec = DataSpec(train=[src], max_length=max_length, on_overflow="truncate", on_bad_row="skip")
     model, tok = load_for_inference(model_path)
@@ -104,9 +115,6 @@ def default_eval_dir(model_path: str, task: str) -> Path:
 
 def _tokenizer_only(model_path: str) -> Any:
     """The tokenizer ``load_for_inference`` would return, without loading any weights (for checks up front)."""
-    from tunelab.models.builtin import BUILTIN_MODELS, builtin_tokenizer
-    from tunelab.models.gguf import is_gguf_path
-
     if is_gguf_path(model_path):
         return inference_tokenizer(model_path)
     if model_path.startswith("builtin:"):
@@ -136,14 +144,6 @@ def run_passkey_eval(model_path: str, lengths: str | Sequence[int] | None = None
                      depths: str | Sequence[float] = "0,0.25,0.5,0.75,1.0", trials: int = 5, seed: int = 42,
                      output: str | Path | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Passkey retrieval accuracy by prompt length x depth; prints a table, writes passkey.json and passkey.png."""
-    from tunelab.eval.passkey import (
-        DEFAULT_MAX_NEW_TOKENS,
-        format_passkey_table,
-        passkey_grid,
-        passkey_min_length,
-        plot_passkey,
-    )
-
     lengths_ = parse_lengths("256,512,1024" if lengths is None else lengths)
     depths_ = parse_depths(depths)
     if trials < 1:
@@ -170,8 +170,6 @@ def run_ppl_vs_length_eval(model_path: str, data: str, fmt: str = "text", length
                            stride: int | None = None, max_tokens: int = 100_000,
                            output: str | Path | None = None) -> list[dict[str, Any]]:
     """Sliding-window perplexity at several context lengths; prints a table, writes ppl_vs_length.json and .png."""
-    from tunelab.eval.long_context import format_ppl_table, plot_ppl_vs_length, ppl_vs_length, text_token_ids
-
     lengths_ = parse_lengths("128,256,512" if lengths is None else lengths)
     if stride is not None and stride < 1:
         raise UserError(Problem("--stride", f"stride {stride}", "use a positive stride, or leave it out (= length)"))
@@ -201,8 +199,6 @@ def run_ppl_vs_length_eval(model_path: str, data: str, fmt: str = "text", length
 def run_kv_cache_eval(model_path: str, lengths: str | Sequence[int] | None = None,
                       output: str | Path | None = None) -> dict[str, Any]:
     """KV-cache bytes per token, predicted (original vs MLA) and measured after generating; writes kv_cache.json."""
-    from tunelab.eval.kv_cache import format_kv_report, kv_cache_report
-
     lengths_ = parse_lengths("64,256" if lengths is None else lengths)
     model, _ = load_for_inference(model_path)
     _note_beyond_trained(model, lengths_)
@@ -219,10 +215,6 @@ def run_kv_cache_eval(model_path: str, lengths: str | Sequence[int] | None = Non
 
 def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int, limit: int | None) -> dict[str, Any]:
     """Pairwise accuracy and mean margin of a reward model on preference pairs."""
-    from tunelab.data.pipeline import encode_source
-    from tunelab.eval.reward import pairwise
-    from tunelab.specs import DataSource, DataSpec
-
     src = DataSource(source=data, format="preference")
     spec = DataSpec(train=[src], max_length=max_length, on_overflow="truncate", on_bad_row="skip")
     model, tok = load_reward_model(model_path)
@@ -238,8 +230,6 @@ def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int
 
 
 def run_generate(model_path: str, prompt: str, system: str | None, gen: dict[str, Any]) -> str:
-    from tunelab.eval.generate import generate
-
     model, tok = load_for_inference(model_path)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     out = generate(model, tok, messages, **gen)

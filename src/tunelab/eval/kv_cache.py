@@ -23,7 +23,7 @@ NEW_TOKENS = 8
 
 def predicted_kv_bytes(config: Any, dtype_bytes: int) -> dict[str, Any]:
     """The cache bytes per token before (original geometry) and after (MLA, when converted), and the reduction."""
-    from tunelab.patches.mla import kv_cache_bytes_per_token
+    from tunelab.patches.mla.convert import kv_cache_bytes_per_token
 
     before = kv_cache_bytes_per_token(config, dtype_bytes, original=True)
     mla = getattr(config, "mla", None)
@@ -69,7 +69,7 @@ def measure_kv_cache(model: Any, length: int, seed: int = 0) -> dict[str, Any]:
     new = max(1, min(NEW_TOKENS, length // 2))
     prompt = _prompt_ids(config, length - new + 1, seed).to(next(model.parameters()).device)
     if getattr(config, "mla", None):
-        from tunelab.patches.mla_attention import MLACache
+        from tunelab.patches.mla.attention import MLACache
 
         cache = MLACache()
     else:

@@ -18,7 +18,12 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from tunelab.data.formats import BadRow, convert
+from tunelab.data.sources import iter_rows, resolve_source
 from tunelab.errors import DataError, Problem, UserError
+from tunelab.models.logits import head_and_decoder
+from tunelab.patches.rope import reset_dynamic_rope
+from tunelab.specs import DataSource
 
 TEXT_FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_completion")
 
@@ -34,10 +39,6 @@ def _plain_text(canonical: dict[str, Any]) -> str:
 def text_token_ids(data: str, tokenizer: Any, fmt: str = "text", max_tokens: int | None = None,
                    key: str = "--data") -> list[int]:
     """The token ids of a data source's texts, EOS-separated, read only as far as ``max_tokens`` needs."""
-    from tunelab.data.formats import BadRow, convert
-    from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.specs import DataSource
-
     if fmt not in TEXT_FORMATS:
         raise UserError(Problem("--format", f"{fmt!r} cannot be read as running text", "use " + "|".join(TEXT_FORMATS)))
     src = DataSource(source=data, format=fmt)  # type: ignore[arg-type]
@@ -163,9 +164,6 @@ def _nll_by_position(model: Any, window: Any, chunk: int = 2048) -> Any:
     """NLL (float64, on CPU) of tokens 1..L-1 of a [1, L] window, the LM head applied ``chunk`` positions at a time."""
     import torch
     import torch.nn.functional as F
-
-    from tunelab.models.logits import head_and_decoder
-    from tunelab.patches.rope import reset_dynamic_rope
 
     parts = head_and_decoder(model)
     reset_dynamic_rope(model)  # each pass is independent: no frequencies left over from a longer one

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tunelab.errors import Problem, UserError
+from tunelab.patches.rope import reset_dynamic_rope
 
 TASK_DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                     "I will quiz you about the important information there.")
@@ -102,8 +103,6 @@ def passkey_found(answer: str, passkey: int) -> bool:
 def greedy_continue(model: Any, input_ids: list[int], max_new_tokens: int, pad_token_id: int | None) -> list[int]:
     """The ids a model appends to ``input_ids`` under greedy decoding (batch of one, on the model's device)."""
     import torch
-
-    from tunelab.patches.rope import reset_dynamic_rope
 
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], device=device)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tunelab.data.collate import PackedRowsCollator, pad_right
+from tunelab.eval.progress import progress as bar_for
+from tunelab.models.logits import scored_logits
+
 IGNORE = -100
 
 
@@ -56,9 +60,6 @@ def packed_nll(model: Any, rows: list[dict[str, Any]], device: Any, pad_id: int)
     """
     import torch.nn.functional as F
 
-    from tunelab.data.collate import PackedRowsCollator
-    from tunelab.models.logits import scored_logits
-
     batch = PackedRowsCollator(pad_id)(rows)
     labels = batch.pop("labels")
     batch.pop("num_real_tokens")
@@ -97,9 +98,6 @@ def perplexity(model: Any, dataset: Any, batch_size: int = 8, pad_id: int = 0, p
     does not depend on how rows are grouped. A progress bar shows rows done (stderr).
     """
     import torch
-
-    from tunelab.data.collate import pad_right
-    from tunelab.eval.progress import progress as bar_for
 
     was_training = model.training
     model.eval()

@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from tunelab.errors import Problem, UserError
-from tunelab.launch.launcher import DEFAULT_PORT, train_args
+from tunelab.launch.torchrun import DEFAULT_PORT, train_args
 
 # defaults exported before training; a user --env of the same name wins
 DEFAULT_ENV = {

@@ -23,7 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from tunelab.data.collate import pad_right
+from tunelab.eval.progress import progress
 from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
+from tunelab.methods.common import atomic_checkpoints
+from tunelab.models.load import load_model
 from tunelab.specs import ModelRef
 
 if TYPE_CHECKING:
@@ -37,7 +41,7 @@ DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 class DPOBlock(TRLBlock):
     """Preference optimisation against a frozen reference: DPO (sigmoid), IPO and TRL's other pairwise losses."""
 
-    name: Literal["dpo"]
+    name: Literal["dpo"] = Field(description="dpo: preference optimisation against a frozen reference")
     loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description="one loss, or several combined with loss_weights")
     loss_weights: list[float] | None = Field(None, description="one weight per loss_type entry (default: all 1)")
     beta: float = Field(0.1, gt=0, description="KL strength (τ for IPO): larger keeps the policy nearer the reference")
@@ -96,8 +100,6 @@ def load_reference(recipe: "Recipe", model: Any) -> Any:
     """The frozen reference model: ``method.reference``, else a copy of the starting weights (None under PEFT)."""
     import copy
 
-    from tunelab.models.load import load_model
-
     m: DPOBlock = recipe.method
     if m.reference:
         spec = recipe.model.model_copy(update={"path": m.reference, "revision": None})
@@ -119,13 +121,10 @@ def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[s
     """Summed response log-probabilities log π(chosen|x), log π(rejected|x) of every pair."""
     import torch
 
-    from tunelab.data.collate import pad_right
-
     model.eval()
     device = next(model.parameters()).device
     chosen: list[float] = []
     rejected: list[float] = []
-    from tunelab.eval.progress import progress
 
     bar = progress(len(dataset), "eval pairs", "pair")
     with torch.no_grad():
@@ -183,8 +182,6 @@ class DPO(TRLMethod):
 
     def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
         """A DPOTrainer over tunelab-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)."""
-        from tunelab.methods.common import atomic_checkpoints
-
         args = self.trl_config(recipe)
         ref = load_reference(recipe, model)
         trainer_cls = atomic_checkpoints(dpo_trainer_class())

@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from tunelab.errors import Problem
 from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
+from tunelab.methods.common import atomic_checkpoints
 from tunelab.methods.online import OnlineRL, OnlineRLBlock
+from tunelab.rewards.compute import build_rewards, trl_reward_funcs
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -35,7 +38,7 @@ GRPOLoss = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", 
 class GRPOBlock(OnlineRLBlock, TRLBlock):
     """Group relative policy optimisation on TRL's GRPOTrainer."""
 
-    name: Literal["grpo"]
+    name: Literal["grpo"] = Field(description="grpo: group relative policy optimisation")
     num_generations: int = Field(8, ge=2, description="completions sampled per prompt (the group)")
     beta: float = Field(0.0, ge=0, description="KL coefficient to the reference; 0 loads no reference")
     epsilon: float = Field(0.2, gt=0, lt=1, description="lower clip ε of the ratio")
@@ -115,8 +118,6 @@ class GRPO(OnlineRL, TRLMethod):
         problems = super().check(recipe)
         import importlib.util
 
-        from tunelab.errors import Problem
-
         m: GRPOBlock = recipe.method
         completions = recipe.train.batch_size * recipe.train.grad_accum
         if completions % m.num_generations:
@@ -130,9 +131,6 @@ class GRPO(OnlineRL, TRLMethod):
     def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
         """TRL's GRPOTrainer on the prompt column (+ extra columns for the rewards), left-padded prompts."""
         from trl import GRPOTrainer
-
-        from tunelab.methods.common import atomic_checkpoints
-        from tunelab.rewards.compute import build_rewards, trl_reward_funcs
 
         tokenizer.padding_side = "left"
         funcs = trl_reward_funcs(build_rewards(recipe.method.rewards))

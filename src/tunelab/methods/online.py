@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
+from tunelab.data.collate import pad_left
+from tunelab.eval.progress import progress
 from tunelab.methods.base import Method
 from tunelab.rewards import RewardSpec
+from tunelab.rewards.compute import build_rewards, score_all
 from tunelab.specs import MethodBlock, ModelRef
 
 if TYPE_CHECKING:
@@ -26,7 +29,7 @@ class OnlineRLBlock(MethodBlock):
     rewards: list[RewardSpec] = Field(min_length=1, description="reward functions and/or reward models, weighted")
     max_completion_length: int = Field(64, ge=1, description="tokens generated per completion at most")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts (1: off)")
     eval_samples: int = Field(4, ge=1, description="sampled completions per held-out prompt when evaluating")
 
     def model_refs(self) -> list[ModelRef]:
@@ -71,8 +74,6 @@ def sample(model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_toke
     ``temperature=None`` is greedy decoding.
     """
     import torch
-
-    from tunelab.data.collate import pad_left
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -122,9 +123,6 @@ class OnlineRL(Method):
     def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
         """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
         import torch
-
-        from tunelab.eval.progress import progress
-        from tunelab.rewards.compute import build_rewards, score_all
 
         m = recipe.method
         funcs = build_rewards(m.rewards)

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from tunelab.eval.reward import pairwise
 from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
+from tunelab.methods.common import atomic_checkpoints
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -28,7 +29,7 @@ class RewardBlock(TRLBlock):
     """A reward model: -log σ(r(x,y+) - r(x,y-) - margin) on preference pairs."""
 
     model_head = "score"
-    name: Literal["reward"]
+    name: Literal["reward"] = Field(description="reward: a reward model trained on preference pairs")
     center_rewards_coefficient: float | None = Field(None, ge=0, description="pull rewards toward zero mean")
     trl: dict[str, Any] = Field(default_factory=dict, description="extra RewardConfig fields, validated before training")
 
@@ -71,8 +72,6 @@ class Reward(TRLMethod):
     def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
         """A RewardTrainer over tunelab-tokenized pairs."""
         from trl import RewardTrainer
-
-        from tunelab.methods.common import atomic_checkpoints
 
         args = self.trl_config(recipe)
         trainer_cls = atomic_checkpoints(RewardTrainer)

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from tunelab.data.collate import PackedRowsCollator, uses_varlen_attention
+from tunelab.eval.perplexity import perplexity
 from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
+from tunelab.methods.common import atomic_checkpoints
+from tunelab.models.attention import use_packed_sdpa
+from tunelab.models.logits import scored_logits
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
 class SFTBlock(TRLBlock):
     """Supervised fine-tuning: next-token loss on assistant (or completion) tokens."""
 
-    name: Literal["sft"]
+    name: Literal["sft"] = Field(description="sft: supervised fine-tuning")
     loss_type: Literal["nll", "dft"] = Field("nll", description="nll, or dft (dynamic fine-tuning)")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise")
     trl: dict[str, Any] = Field(default_factory=dict, description="extra SFTConfig fields, validated before training")
@@ -45,8 +50,6 @@ def sft_trainer_class() -> type:
     """TRL's SFTTrainer with a direct loss path for micro-batches whose logits are small."""
     import torch
     from trl import SFTTrainer
-
-    from tunelab.models.logits import scored_logits
 
     class TunelabSFTTrainer(SFTTrainer):
         def _direct_loss_ok(self, inputs: dict) -> bool:
@@ -158,10 +161,6 @@ class SFT(TRLMethod):
 
     def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
         """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
-        from tunelab.data.collate import PackedRowsCollator, uses_varlen_attention
-        from tunelab.methods.common import atomic_checkpoints
-        from tunelab.models.attention import use_packed_sdpa
-
         args = self.trl_config(recipe)
         trainer_cls = atomic_checkpoints(sft_trainer_class())
         trainer = trainer_cls(
@@ -181,8 +180,6 @@ class SFT(TRLMethod):
 
     def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
         """Eval perplexity: exp of the mean NLL over every trained token of the eval rows."""
-        from tunelab.eval.perplexity import perplexity
-
         bs = recipe.train.eval_batch_size or recipe.train.batch_size
         # packed like training: rows of max_length, batch_size of them per forward pass
         return perplexity(model, eval_ds, bs, tokenizer.pad_token_id or 0, pack_tokens=recipe.data.max_length)

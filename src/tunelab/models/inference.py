@@ -6,8 +6,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.collate import pad_right
+from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
 from tunelab.errors import Problem, UserError
+from tunelab.eval.progress import progress
 from tunelab.log import say
+from tunelab.models.builtin import BUILTIN_MODELS, builtin_model, builtin_tokenizer
+from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path
+from tunelab.models.load import (
+    ensure_pad_token,
+    is_tiny_builtin,
+    load_gguf_model,
+    load_mla_checkpoint,
+    mla_checkpoint,
+    pretrained_tokenizer,
+    set_stop_tokens,
+)
 
 
 def resolve_model_dir(path: str) -> str:
@@ -21,11 +35,6 @@ def resolve_model_dir(path: str) -> str:
 def inference_tokenizer(path: str) -> Any:
     """The tokenizer saved with a model (the bundled one for built-in bases), with a pad token."""
     from transformers import AutoTokenizer
-
-    from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
-    from tunelab.models.builtin import builtin_tokenizer
-    from tunelab.models.gguf import is_gguf_path
-    from tunelab.models.load import ensure_pad_token, pretrained_tokenizer
 
     if is_gguf_path(path):
         tok = pretrained_tokenizer(path, key="MODEL")
@@ -44,10 +53,6 @@ def inference_tokenizer(path: str) -> Any:
 def load_base(path: str, head: str = "causal") -> Any:
     """A base model named by a path an adapter records: built-in, GGUF file, MLA directory or HF directory/hub id."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from tunelab.models.builtin import builtin_model
-    from tunelab.models.gguf import is_gguf_path
-    from tunelab.models.load import is_tiny_builtin, load_gguf_model, load_mla_checkpoint, mla_checkpoint
 
     auto: Any = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
     if is_tiny_builtin(path):
@@ -70,13 +75,7 @@ def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
     """
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models.builtin import builtin_model, builtin_tokenizer
-    from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path
-    from tunelab.models.load import load_mla_checkpoint, mla_checkpoint
-
     if path.startswith("builtin:"):
-        from tunelab.models.builtin import BUILTIN_MODELS
-
         name = path[len("builtin:") :]
         if name not in BUILTIN_MODELS and name not in REAL_BUILTINS:
             known = ", ".join(f"builtin:{k}" for k in {**BUILTIN_MODELS, **REAL_BUILTINS})
@@ -152,7 +151,6 @@ def run_merge(source: str, output: Path) -> Path:
     model, tok = load_for_inference(path, merge=True)
     if output.exists() and any(output.iterdir()):
         raise UserError(Problem("--output", f"{output} exists and is not empty"))
-    from tunelab.models.load import set_stop_tokens
 
     stops = set_stop_tokens(model, tok)
     model.save_pretrained(output)
@@ -165,12 +163,9 @@ def score(model: Any, sequences: list[list[int]], batch_size: int, pad_id: int) 
     """The reward of each token sequence (right-padded; the head reads the last real token)."""
     import torch
 
-    from tunelab.data.collate import pad_right
-
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
-    from tunelab.eval.progress import progress
 
     bar = progress(len(sequences), "scoring", "seq")
     with torch.no_grad():

@@ -5,7 +5,7 @@
 
 ``trust_remote_code`` only ever comes from the recipe; weights load from safetensors only. A
 local directory saved after MLA conversion (its config.json has an ``mla`` block) loads through
-``tunelab.patches.mla.load_mla_model``: the stock architecture with the MLA attention modules in
+``tunelab.patches.mla.convert.load_mla_model``: the stock architecture with the MLA attention modules in
 place, so a converted model (or a run trained from one) fine-tunes, evaluates and generates
 like any other.
 """
@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template, end_of_turn_ids
 from tunelab.errors import Problem, UserError
-from tunelab.models.builtin import BUILTIN_MODELS, builtin_model, builtin_tokenizer
+from tunelab.models.builtin import BUILTIN_MODELS, builtin_config, builtin_model, builtin_tokenizer
 from tunelab.models.gguf import gguf_error, is_gguf_path, pretrained_kwargs
 
 
@@ -108,7 +109,7 @@ def mla_checkpoint_problems(recipe: Any) -> list[Problem]:
 
 def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation: str = "sdpa") -> Any:
     """A causal LM saved after MLA conversion, in ``dtype`` (default: as saved), named by its path (PEFT reads it)."""
-    from tunelab.patches.mla import load_mla_model
+    from tunelab.patches.mla.convert import load_mla_model
 
     if attn_implementation not in ("eager", "sdpa"):
         raise UserError(Problem("model.attn_implementation", f"{path} is an MLA model: its attention reads eager or "
@@ -125,8 +126,6 @@ def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation
 def load_config(spec: Any) -> Any | None:
     """The model's config without its weights (builtin, local dir, or a hub id in the local cache); None if unknown."""
     if is_tiny_builtin(spec.path):
-        from tunelab.models.builtin import builtin_config
-
         return builtin_config(spec.path[len("builtin:") :])
     from transformers import AutoConfig
 
@@ -155,8 +154,6 @@ def load_tokenizer(spec: Any) -> Any:
     The template is ``model.chat_template`` resolved by ``tunelab.data.templates.choose_template``;
     the tokenizer then renders (and is saved) with it.
     """
-    from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template
-
     tok = builtin_tokenizer() if is_tiny_builtin(spec.path) else pretrained_tokenizer(spec.path, spec.revision,
                                                                                         spec.trust_remote_code)
     try:
@@ -318,8 +315,6 @@ def set_stop_tokens(model: Any, tokenizer: Any) -> list[int]:
     A fine-tuned chat model that never stops is the usual symptom of a generation_config whose
     eos is the tokenizer's document end while turns end with another token. Returns the ids set.
     """
-    from tunelab.data.templates import end_of_turn_ids
-
     gen = getattr(model, "generation_config", None)
     if gen is None:
         return []

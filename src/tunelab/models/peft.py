@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.specs import QuantizationSpec
+
 
 def quantization_of(recipe: Any) -> Any:
     """The quantization block that applies: ``peft`` (qlora, default 4-bit nf4) or ``model``."""
-    from tunelab.specs import QuantizationSpec
-
     p = recipe.peft
     if p is not None and p.method == "qlora":
         return p.quantization or QuantizationSpec()

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from tunelab.errors import Problem
+from tunelab.patches.base import Patch
 from tunelab.specs import Strict
 
 if TYPE_CHECKING:
@@ -55,8 +56,7 @@ RAMP_METHODS = ("ntk_by_parts", "yarn")
 class RopePatch(Strict):
     """Extend the context of a RoPE model by a factor (or to a target length)."""
 
-
-    name: Literal["rope"]
+    name: Literal["rope"] = Field(description="rope: extend the context of a RoPE model")
     method: RopeMethod = Field(description="linear (PI) | ntk | dynamic_ntk | ntk_by_parts | yarn")
     factor: float | None = Field(None, gt=1, description="s = new length / original length")
     target_length: int | None = Field(None, ge=2, description="the new length; factor = target / original")
@@ -272,6 +272,19 @@ def rope_problems(spec: RopePatch, config: Any, where: str) -> list[Problem]:
     except ValueError as exc:
         return [Problem(where, str(exc))]
     return []
+
+
+class Rope(Patch):
+    """Extend the context of a RoPE model (PI, NTK-aware, dynamic NTK, NTK-by-parts, YaRN)."""
+
+    name = "rope"
+    config = RopePatch
+
+    def check_config(self, spec: Any, config: Any, where: str) -> list[Problem]:
+        return rope_problems(spec, config, where)
+
+    def apply(self, model: Any, spec: Any, tokenizer: Any, where: str) -> dict[str, Any]:
+        return apply_rope(model, spec, tokenizer)
 
 
 def reset_dynamic_rope(model: Any) -> int:

@@ -57,7 +57,10 @@ def registry_union(registry: dict[str, type[BaseModel]], key: str, what: str) ->
 
 
 class RecipeModelSpec(ModelSpec):
-    """The model block of a recipe: ``ModelSpec`` plus the checks of names against the registries."""
+    """Which model to load and how.
+
+    ``specs.ModelSpec`` plus the checks of names against the registries (chat templates, built-in models).
+    """
 
     @field_validator("chat_template")
     @classmethod
@@ -84,19 +87,22 @@ class RecipeModelSpec(ModelSpec):
 
 
 MethodSpec = registry_union({name: m.config for name, m in METHODS.items()}, "name", "method")
-PatchSpec = registry_union(PATCHES, "name", "patch")
+PatchSpec = registry_union({name: p.config for name, p in PATCHES.items()}, "name", "patch")
 
 
 class Recipe(Strict):
     """A whole recipe: model, optional patches and PEFT, data, method, training loop, distribution."""
 
-    model: RecipeModelSpec
-    patches: list[PatchSpec] = Field(default_factory=list)  # type: ignore[valid-type]
-    peft: PeftSpec | None = None  # type: ignore[valid-type]
-    data: DataSpec
-    method: MethodSpec  # type: ignore[valid-type]
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    model: RecipeModelSpec = Field(description="the model to start from and how to load it")
+    patches: list[PatchSpec] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="model patches (rope, mla), applied in order before PEFT")
+    peft: PeftSpec | None = Field(  # type: ignore[valid-type]
+        None, description="parameter-efficient fine-tuning (lora, dora, qlora, prefix, prompt); none: full fine-tuning")
+    data: DataSpec = Field(description="training and evaluation data")
+    method: MethodSpec = Field(description="the training method and its fields (sft, reward, dpo, grpo, ppo)")  # type: ignore[valid-type]
+    train: TrainSpec = Field(default_factory=TrainSpec, description="the optimisation loop")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="how training is spread over "
+                                         "processes (DDP, DeepSpeed ZeRO, FSDP2)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -18,8 +18,26 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import Problem, RecipeError, UserError
+from tunelab.data.formats import BadRow, convert
+from tunelab.data.pipeline import check_data
+from tunelab.data.sources import iter_rows, resolve_source
+from tunelab.data.templates import REGISTRY, TemplateMismatch, choice_of, render_with_mask
+from tunelab.distributed.config import distributed_problems
+from tunelab.errors import DataError, Problem, RecipeError, UserError
+from tunelab.methods import method_of
+from tunelab.models.gguf import gguf_problems, is_gguf_path
+from tunelab.models.load import (
+    attn_problems,
+    is_tiny_builtin,
+    load_config,
+    load_tokenizer,
+    missing_local_model,
+    missing_models,
+    mla_checkpoint_problems,
+)
+from tunelab.patches import patch_problems, patch_recipe_problems
 from tunelab.recipe.load import LoadedRecipe, load_recipe
+from tunelab.rewards import required_columns, reward_problems
 
 
 def report_to_problems(recipe: Any) -> list[Problem]:
@@ -33,11 +51,6 @@ def report_to_problems(recipe: Any) -> list[Problem]:
 
 def reward_column_problems(recipe: Any, rewards: list[Any]) -> list[Problem]:
     """Columns the built-in rewards read (e.g. ``answer``) must exist in the first row of each local source."""
-    from tunelab.data.formats import BadRow, convert
-    from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.errors import DataError
-    from tunelab.rewards import required_columns
-
     need = required_columns(rewards)
     problems = []
     for split in ("train", "eval"):
@@ -67,12 +80,6 @@ def template_problems(recipe: Any) -> tuple[list[Problem], list[str]]:
     renders history differently, a registry template that renders unlike the model's own, a turn
     that does not end with the end-of-turn token) is a problem naming ``model.chat_template``.
     """
-    from tunelab.data.formats import BadRow, convert
-    from tunelab.data.sources import iter_rows, resolve_source
-    from tunelab.data.templates import REGISTRY, TemplateMismatch, choice_of, render_with_mask
-    from tunelab.errors import DataError
-    from tunelab.models.load import is_tiny_builtin, load_tokenizer, missing_local_model
-
     spec = recipe.model
     conversational = [(split, i, src) for split in ("train", "eval") for i, src in enumerate(getattr(recipe.data, split))
                       if src.format in ("messages", "sharegpt", "alpaca", "preference", "prompt", "prompt_completion")]
@@ -125,32 +132,23 @@ def template_problems(recipe: Any) -> tuple[list[Problem], list[str]]:
 def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[LoadedRecipe, list[str]]:
     """Fully check a recipe without loading weights; (loaded recipe, notes) or RecipeError."""
     loaded = load_recipe(path, overrides)  # raises on schema problems, before heavy imports
-    from tunelab.data.pipeline import check_data
-    from tunelab.methods import method_of
 
     method = method_of(loaded.recipe.method)
     problems, notes = check_data(loaded.recipe, accepted_formats=method.formats)
     problems += report_to_problems(loaded.recipe)
-    from tunelab.distributed.config import distributed_problems
 
     found, distributed_notes = distributed_problems(loaded.recipe, int(os.environ.get("WORLD_SIZE", "1")))
     problems += found
     notes += distributed_notes
-    from tunelab.models.gguf import gguf_problems, is_gguf_path
-    from tunelab.models.load import mla_checkpoint_problems
 
     if is_gguf_path(loaded.recipe.model.path):
         problems += gguf_problems(loaded.recipe.model.path)
     problems += mla_checkpoint_problems(loaded.recipe)
     if loaded.recipe.patches:
-        from tunelab.patches import patch_recipe_problems
-
         problems += patch_recipe_problems(loaded.recipe)
     problems += method.check(loaded.recipe)
     rewards = method.reward_specs(loaded.recipe)
     if rewards:
-        from tunelab.rewards import reward_problems
-
         found, reward_notes = reward_problems(rewards)
         problems += found
         notes += reward_notes
@@ -160,14 +158,10 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
     if not problems or method.trl_passthrough(loaded.recipe):
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         problems += method.trl_problems(loaded.recipe)
-        from tunelab.models.load import attn_problems
 
         problems += attn_problems(loaded.recipe.model)
     # Reading the model's config imports transformers: like the TRL config, only once the rest is right.
     if loaded.recipe.patches and not problems:
-        from tunelab.models.load import load_config, missing_local_model
-        from tunelab.patches import patch_problems
-
         config = load_config(loaded.recipe.model)
         if config is not None:
             problems += patch_problems(loaded.recipe, config)
@@ -180,7 +174,6 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> t
         notes += template_notes
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
-    from tunelab.models.load import missing_models
 
     # a note here (a chain's later recipes validate before the earlier runs exist); train stops on it
     notes += [str(m) for m in missing_models(loaded.recipe)]

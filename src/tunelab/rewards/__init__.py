@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field, model_validator
 
 from tunelab.errors import Problem, closest
+from tunelab.models.load import missing_local_model
 from tunelab.rewards.builtin import BUILTIN_REWARDS
 from tunelab.specs import Strict
 
@@ -193,8 +194,6 @@ def reward_problems(specs: list[RewardSpec], key: str = "method.rewards") -> tup
     A reward model path that does not exist yet is a note, not a problem: in a chain of recipes
     the reward run is trained before this one, after validation; training stops on it separately.
     """
-    from tunelab.models.load import missing_local_model
-
     problems: list[Problem] = []
     notes: list[str] = []
     for i, spec in enumerate(specs):

@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable
 
 from tunelab.errors import UserError
+from tunelab.models.inference import load_reward_model, score
 from tunelab.rewards import RewardSpec, import_function
 from tunelab.rewards.builtin import BUILTIN_REWARDS
 
@@ -110,8 +111,6 @@ class RewardFunction:
     def load(self, device: Any = None) -> "RewardFunction":
         """Load a reward model now (else on first call), frozen in eval mode; move it to ``device`` if given."""
         if self.spec.model and self._model is None:
-            from tunelab.models.inference import load_reward_model
-
             model, self._tokenizer = load_reward_model(self.spec.model)
             self._model = model.eval().requires_grad_(False)
         if device is not None and self._model is not None:
@@ -145,8 +144,6 @@ class RewardFunction:
     def _score_with_model(self, prompts: list[str], completions: list[str],
                           conversations: list[Messages] | None) -> list[float]:
         """The reward model's score of each (prompt, completion), read at its last real token."""
-        from tunelab.models.inference import score
-
         seqs = self.encode(prompts, completions, conversations)
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         return score(self._model, seqs, self.batch_size, pad)  # right-padded, under no_grad, on the model's device

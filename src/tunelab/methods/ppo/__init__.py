@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 class PPOBlock(OnlineRLBlock):
     """Proximal policy optimisation with a learned critic and a KL penalty to the reference."""
 
-    name: Literal["ppo"]
+    name: Literal["ppo"] = Field(description="ppo: proximal policy optimisation with a critic")
     critic: str = Field("policy", description="policy: value head on a copy of the policy's body; reward_model: "
                         "start from the (first) reward model in rewards; or a path to a model to start from")
     critic_learning_rate: float | None = Field(None, gt=0, lt=1, description="default: train.learning_rate")
@@ -48,7 +48,7 @@ class PPOBlock(OnlineRLBlock):
     entropy_coef: float = Field(0.0, ge=0, description="weight of the entropy bonus")
     ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
     num_minibatches: int = Field(1, ge=1, description="optimizer steps per pass (the rollout batch is split)")
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="normalise the advantages of each rollout batch to mean 0, std 1")
     missing_eos_penalty: float | None = Field(None, ge=0, description="subtract this from the score of a "
                                               "completion that hit max_completion_length without EOS")
     score_clip: float | None = Field(None, gt=0, description="clip the sequence score to ±this")

@@ -31,9 +31,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tunelab.distributed.config import deepspeed_config, resolve_precision
+from tunelab.errors import UserError
 from tunelab.log import say
 from tunelab.methods.online import completion_mask, prompt_text, reward_columns, sample, stop_token_ids
 from tunelab.methods.ppo import core
+from tunelab.models.inference import load_reward_model
+from tunelab.models.load import load_model
+from tunelab.models.peft import apply_peft, quantization_of
+from tunelab.rewards.compute import build_rewards, score_all
+from tunelab.runs import RunDir
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -91,10 +98,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_critic(recipe: "Recipe", tokenizer: Any) -> nn.Module:
     """The critic's network: a score head on a copy of the policy's body, the reward model, or a path."""
-    from tunelab.models.inference import load_reward_model
-    from tunelab.models.load import load_model
-    from tunelab.models.peft import apply_peft, quantization_of
-
     m = recipe.method
     if m.critic == "reward_model":
         path = next(r.model for r in m.rewards if r.model)
@@ -122,10 +125,6 @@ class PPOTrainer:
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
         from transformers import get_scheduler
 
-        from tunelab.distributed.config import resolve_precision
-        from tunelab.models.load import load_model
-        from tunelab.rewards.compute import build_rewards
-
         self.recipe, self.m, self.t = recipe, recipe.method, recipe.train
         self.tokenizer, self.dataset, self.callbacks = tokenizer, train_ds, callbacks
         precision = resolve_precision(self.t.precision)
@@ -134,8 +133,6 @@ class PPOTrainer:
             # the recipe's DeepSpeed JSON (micro batch = one PPO minibatch, no accumulation, clipping):
             # ZeRO without any accelerate flag, as for the HF/TRL methods
             from accelerate.utils import DeepSpeedPlugin
-
-            from tunelab.distributed.config import deepspeed_config
 
             plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
         deepspeed_on_cpu = (plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true") \
@@ -183,8 +180,6 @@ class PPOTrainer:
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
             if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                from tunelab.errors import UserError
-
                 raise UserError("method: ppo runs under DeepSpeed ZeRO-0, 1 and 2, not ZeRO-3: rollouts generate "
                                 "with the whole policy and score with the reference on every rank; use distributed.strategy: zero2")
             # (launched with --use_deepspeed rather than distributed.strategy: the plugin's config has "auto"s)
@@ -289,8 +284,6 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float]]:
         """Sample completions, score them, and turn scores and KL into advantages and returns."""
-        from tunelab.rewards.compute import score_all
-
         m, device = self.m, self.accelerator.device
         policy, critic = self.unwrapped.policy, self.unwrapped.critic
         self.model.eval()
@@ -387,8 +380,6 @@ class PPOTrainer:
         """checkpoint-N/: trainable weights, optimizer/scheduler states, step and KL coefficient."""
         from safetensors.torch import save_file
 
-        from tunelab.runs import RunDir
-
         run = RunDir(Path(self.t.output_dir))
         name = f"checkpoint-{self.state.global_step}"
         staging = run.root / ".staging" / name
@@ -423,8 +414,6 @@ class PPOTrainer:
     def load_checkpoint(self, path: Path) -> None:
         """Restore what ``save_checkpoint`` wrote; the data order and sampling seeds follow the step."""
         from safetensors.torch import load_file
-
-        from tunelab.errors import UserError
 
         meta = json.loads((path / "trainer_state.json").read_text())
         if bool(meta.get("deepspeed")) != self.deepspeed:

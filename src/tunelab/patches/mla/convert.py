@@ -56,8 +56,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.patches.mla_attention import MLAAttention, MLACache
-from tunelab.patches.mla_patch import SUPPORTED_MODEL_TYPES  # torch-free: the recipe schema reads it too
+from tunelab.patches.mla.attention import MLAAttention, MLACache
+from tunelab.patches.mla.block import SUPPORTED_MODEL_TYPES, Keys, MlaPatch
+from tunelab.patches.mla.block import head_dim as _head_dim
+from tunelab.patches.mla.calibration import calibration_token_ids
 
 __all__ = [
     "MLAAttention",
@@ -75,10 +77,6 @@ PARTIAL_ROPE_CHOICES = ("high", "low", "uniform", "2-norm")
 SVD_CHOICES = ("joint", "split")
 ROPE_KEY_CHOICES = ("per-head", "shared")
 MLA_FORMAT_VERSION = 1
-
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -605,3 +603,25 @@ def load_mla_model(path: str | Path, attn_implementation: str = "sdpa") -> nn.Mo
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
+
+
+def apply_mla(model: Any, spec: MlaPatch, tokenizer: Any = None, key: Keys | None = None) -> dict[str, Any]:
+    """Convert a loaded model's attention to MLA in place; returns a record (ranks, KV-cache bytes per token).
+
+    Calibration tokens are read (and the data errors raised) before any weight changes.
+    """
+    calibration = None
+    if spec.calibration_data:
+        if tokenizer is None:
+            raise ValueError("the mla patch reads calibration_data: apply it with the model's tokenizer")
+        calibration = torch.tensor(calibration_token_ids(spec, tokenizer, key), dtype=torch.long)
+    dtype_bytes = next(model.parameters()).element_size()
+    before = kv_cache_bytes_per_token(model.config, dtype_bytes)
+    convert_to_mla(model, kv_lora_rank=spec.kv_lora_rank, rope_dim=spec.rope_dim, partial_rope=spec.partial_rope,
+                   svd=spec.svd, rope_key=spec.rope_key, calibration_ids=calibration, latent_norm=spec.latent_norm)
+    after = kv_cache_bytes_per_token(model.config, dtype_bytes)
+    return {"kv_lora_rank": spec.kv_lora_rank, "rope_dim": spec.rope_dim, "partial_rope": spec.partial_rope,
+            "svd": spec.svd, "rope_key": spec.rope_key, "latent_norm": spec.latent_norm,
+            "calibration_tokens": 0 if calibration is None else calibration.numel(),
+            "kv_cache_bytes_per_token_before": before, "kv_cache_bytes_per_token_after": after,
+            "kv_cache_reduction": f"{100 * (1 - after / before):.1f}%"}

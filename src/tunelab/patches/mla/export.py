@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from tunelab.patches.mla import _head_dim, _layers, kv_cache_bytes_per_token, load_mla_model
+from tunelab.patches.mla.block import head_dim as _head_dim
+from tunelab.patches.mla.convert import _layers, kv_cache_bytes_per_token, load_mla_model
 
 ROPE_LAYOUTS = ("interleaved", "half-split")
 
