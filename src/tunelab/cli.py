@@ -15,15 +15,18 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from typer.core import TyperGroup
 
 from tunelab.errors import Problem, UserError
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
-def block_options(block: type, skip: tuple[str, ...] = ("name",)) -> list[inspect.Parameter]:
+
+def block_options(block: type[BaseModel], skip: tuple[str, ...] = ("name",)) -> list[inspect.Parameter]:
     """Options for the fields of a recipe block: ``--kv-lora-rank`` for ``kv_lora_rank``, with its description as
     help and its default; the block itself checks the values (so they are reported as the recipe would be)."""
     params = []
@@ -40,7 +43,7 @@ def block_options(block: type, skip: tuple[str, ...] = ("name",)) -> list[inspec
         help_ = (field.description or "") + (f" ({' | '.join(map(str, choices))})" if choices else "")
         option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=help_)
         default = ... if field.is_required() else field.default
-        annotation = Annotated[Optional[kind] if optional else kind, option]  # noqa: UP045
+        annotation = Annotated[Optional[kind] if optional else kind, option]  # type: ignore[valid-type]  # noqa: UP045
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
     return params
 

@@ -29,9 +29,8 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, problems: Problem | str | Iterable[Problem], title: str = "") -> None:
-        if isinstance(problems, (Problem, str)):
-            problems = [problems]
-        self.problems = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
+        items: Iterable[Problem | str] = [problems] if isinstance(problems, (Problem, str)) else problems
+        self.problems = [p if isinstance(p, Problem) else Problem("", p) for p in items]
         self.title = title
         super().__init__(self.render())
 

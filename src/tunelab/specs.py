@@ -175,7 +175,7 @@ class TrainSpec(Strict):
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end only)")
     eval_before_train: bool = Field(False, description="also measure eval perplexity of the starting model")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="experiment trackers (metrics.jsonl and plots are always written)")
+        default_factory=lambda: list[Literal["tensorboard", "wandb", "mlflow", "none"]](["tensorboard"]), description="experiment trackers (metrics.jsonl and plots are always written)")
     num_workers: int = Field(0, ge=0, description="data loader worker processes (0: load in the training process)")
 
 

@@ -139,7 +139,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         raise UserError(missing)
     run = RunDir(Path(recipe.train.output_dir))
     resume_from = resolve_resume(run, resume)
-    universal, resume_notes = None, []
+    universal, resume_notes = None, list[str]()
     method = method_of(recipe.method)
     if resume_from is not None and not method.owns_checkpointing:  # a trainer of our own checks its checkpoints
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
 from tunelab.data.sources import fingerprint, iter_rows, resolve_source
@@ -235,7 +235,7 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
     return to_ds(train), (to_ds(eval_rows) if eval_rows else None), report
 
 
-def data_fingerprints(recipe: Any, extra: list[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+def data_fingerprints(recipe: Any, extra: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """Fingerprints of every train and eval source and of ``extra`` (recipe key, source) pairs, for the lock file.
 
     ``extra`` holds the data the recipe's patches read (``patches.patch_data_sources``), fingerprinted as text.

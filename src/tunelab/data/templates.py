@@ -71,7 +71,7 @@ class TemplateMismatch(ValueError):
 
 
 def has_generation_markers(template: str | None) -> bool:
-    return bool(template) and _MARKER.search(template) is not None
+    return template is not None and _MARKER.search(template) is not None
 
 
 def template_hash(text: str | None) -> str | None:
@@ -254,9 +254,10 @@ def _render_marked(tokenizer: Any, choice: ChatTemplateChoice, messages: list[di
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, indices = render_jinja_template(conversations=[messages], tools=tools, chat_template=choice.text,
-                                              return_assistant_tokens_mask=True, add_generation_prompt=False,
-                                              **tokenizer.special_tokens_map, **choice.kwargs)
+    out: Any = render_jinja_template(conversations=[messages], tools=tools, chat_template=choice.text,
+                                     return_assistant_tokens_mask=True, add_generation_prompt=False,
+                                     **tokenizer.special_tokens_map, **choice.kwargs)
+    rendered, indices = out  # (rendered conversations, assistant index spans per conversation)
     return rendered[0], [(s, e) for s, e in indices[0] if e > s]
 
 
@@ -264,6 +265,7 @@ def _prefix_spans(tokenizer: Any, choice: ChatTemplateChoice, messages: list[dic
                   full: str) -> list[tuple[int, int]]:
     """Assistant spans by the prefix difference, or TemplateMismatch where a prefix does not hold."""
     spans = []
+    assert choice.text is not None, "a chat template to render with"
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue

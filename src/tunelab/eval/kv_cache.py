@@ -71,7 +71,7 @@ def measure_kv_cache(model: Any, length: int, seed: int = 0) -> dict[str, Any]:
     if getattr(config, "mla", None):
         from tunelab.patches.mla.attention import MLACache
 
-        cache = MLACache()
+        cache: Any = MLACache()
     else:
         cache = DynamicCache(config=config)
     model.eval()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import Field
 
@@ -40,15 +40,24 @@ class MemoryTerms:
     full_logits: bool = True  # False: the LM head's logits are never materialised whole (sft's fused head)
 
 
-class Method:
+B = TypeVar("B", bound=MethodBlock)
+
+
+class Method(Generic[B]):
     """One training method: its recipe block, the data it takes, its checks, memory terms and trainer."""
 
     name: ClassVar[str]  # the recipe's method.name, the METHODS key
-    config: ClassVar[type[MethodBlock]]  # the recipe block of method:
+    config: type[B]  # the recipe block of method:
     formats: ClassVar[tuple[str, ...]]  # the data formats it trains on
     eval_before: ClassVar[bool] = False  # held-out evaluation also runs on the starting model (its report compares)
     owns_checkpointing: ClassVar[bool] = False  # its own trainer saves, checks and resumes checkpoints (not HF's)
     refused_strategies: ClassVar[dict[str, str]] = {}  # distributed.strategy -> why this method cannot run under it
+
+    def block(self, recipe: Recipe) -> B:
+        """The recipe's method block, typed as this method's."""
+        block = recipe.method
+        assert isinstance(block, self.config), f"{type(block).__name__} is not a {self.config.__name__}"
+        return block
 
     @property
     def model_head(self) -> str:
@@ -112,7 +121,10 @@ OWNED_TRL_FIELDS = frozenset({
 DISTRIBUTED_TRL_FIELDS = ("deepspeed", "fsdp", "fsdp_config", "accelerator_config")
 
 
-class TRLMethod(Method):
+TB = TypeVar("TB", bound="TRLBlock")
+
+
+class TRLMethod(Method[TB]):
     """A method on a TRL trainer: its config is TrainingArguments from the recipe + the method's fields + ``trl``."""
 
     def trl_config_class(self) -> type:
@@ -124,9 +136,7 @@ class TRLMethod(Method):
         return {}
 
     def trl_passthrough(self, recipe: Recipe) -> dict[str, Any]:
-        block = recipe.method
-        assert isinstance(block, TRLBlock), f"{type(block).__name__} of a TRL method must subclass TRLBlock"
-        return dict(block.trl)
+        return dict(self.block(recipe).trl)
 
     def trl_config(self, recipe: Recipe, **extra: Any) -> Any:
         """The TRL config of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""

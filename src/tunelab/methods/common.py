@@ -81,10 +81,12 @@ def atomic_checkpoints(trainer_cls: type) -> type:
     """
 
     class AtomicCheckpointTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        _get_output_dir: Any  # transformers' Trainer: the checkpoint folder of a trial
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             real_dir = self._get_output_dir(trial=trial)
             staging = os.path.join(real_dir, ".staging")
-            original = self._get_output_dir
+            original: Any = self._get_output_dir
             self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
             try:
                 super()._save_checkpoint(model, trial)

@@ -100,7 +100,8 @@ def load_reference(recipe: "Recipe", model: Any) -> Any:
     """The frozen reference model: ``method.reference``, else a copy of the starting weights (None under PEFT)."""
     import copy
 
-    m: DPOBlock = recipe.method
+    m = recipe.method
+    assert isinstance(m, DPOBlock)
     if m.reference:
         spec = recipe.model.model_copy(update={"path": m.reference, "revision": None})
         ref = load_model(spec, None, full_finetune=True)
@@ -144,7 +145,7 @@ def pair_logps(model: Any, dataset: Any, batch_size: int, pad_id: int) -> dict[s
     return {"chosen": chosen, "rejected": rejected}
 
 
-class DPO(TRLMethod):
+class DPO(TRLMethod[DPOBlock]):
     """DPO, IPO and TRL's other pairwise losses on TRL's DPOTrainer, against a frozen reference."""
 
     name = "dpo"
@@ -158,8 +159,7 @@ class DPO(TRLMethod):
         return DPOConfig
 
     def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
-        m = recipe.method
-        assert isinstance(m, DPOBlock)
+        m = self.block(recipe)
         return dict(
             max_length=recipe.data.max_length,  # the pipeline already fits every pair; the collator cuts nothing
             beta=m.beta,
@@ -171,8 +171,7 @@ class DPO(TRLMethod):
         )
 
     def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
-        m = recipe.method
-        assert isinstance(m, DPOBlock)
+        m = self.block(recipe)
         rows = 2 * recipe.train.batch_size
         return MemoryTerms(rows=rows, tokens=tokens, trained="policy",
                            reference=bool(m.reference) or (recipe.peft is None and not m.precompute_ref_log_probs),
@@ -201,13 +200,13 @@ class DPO(TRLMethod):
         out: dict[str, Any] = {"mean_logratio_after": after["mean_logratio"]}
         lines = []
         if before is not None:
-            beta = recipe.method.beta
+            beta = self.block(recipe).beta
             margins = [beta * ((ac - bc) - (ar - br)) for ac, bc, ar, br in
                        zip(after["logp_chosen"], before["logp_chosen"], after["logp_rejected"], before["logp_rejected"])]
             out["mean_logratio_before"] = before["mean_logratio"]
             out["implicit_reward_margin"] = sum(margins) / max(len(margins), 1)
             out["implicit_reward_accuracy"] = sum(m > 0 for m in margins) / max(len(margins), 1)
-            ref = "the starting model" + (" (not method.reference)" if recipe.method.reference else " (the reference)")
+            ref = "the starting model" + (" (not method.reference)" if self.block(recipe).reference else " (the reference)")
             lines.append(f"held-out implicit reward margin vs {ref}: {out['implicit_reward_margin']:+.4f} "
                          f"(positive on {out['implicit_reward_accuracy']:.0%} of {after['pairs']} pairs)")
             lines.append(f"held-out mean log π(chosen) - log π(rejected): {before['mean_logratio']:+.4f} (start) -> "

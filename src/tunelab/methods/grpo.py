@@ -70,7 +70,7 @@ def use_vllm(m: GRPOBlock) -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-class GRPO(OnlineRL, TRLMethod):
+class GRPO(OnlineRL[GRPOBlock], TRLMethod[GRPOBlock]):
     """GRPO on TRL's GRPOTrainer with tunelab's reward functions and prompt-only data."""
 
     name = "grpo"
@@ -82,8 +82,7 @@ class GRPO(OnlineRL, TRLMethod):
         return GRPOConfig
 
     def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
-        m = recipe.method
-        assert isinstance(m, GRPOBlock)
+        m = self.block(recipe)
         return dict(
             num_generations=m.num_generations,
             max_completion_length=m.max_completion_length,
@@ -103,8 +102,7 @@ class GRPO(OnlineRL, TRLMethod):
         )
 
     def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
-        m = recipe.method
-        assert isinstance(m, GRPOBlock)
+        m = self.block(recipe)
         s = tokens + m.max_completion_length
         b = recipe.train.batch_size
         return MemoryTerms(rows=b, tokens=s, trained="policy", reference=recipe.peft is None and m.beta > 0,
@@ -118,7 +116,7 @@ class GRPO(OnlineRL, TRLMethod):
         problems = super().check(recipe)
         import importlib.util
 
-        m: GRPOBlock = recipe.method
+        m = self.block(recipe)
         completions = recipe.train.batch_size * recipe.train.grad_accum
         if completions % m.num_generations:
             problems.append(Problem("method.num_generations", f"train.batch_size x train.grad_accum = {completions} "
@@ -133,7 +131,7 @@ class GRPO(OnlineRL, TRLMethod):
         from trl import GRPOTrainer
 
         tokenizer.padding_side = "left"
-        funcs = trl_reward_funcs(build_rewards(recipe.method.rewards))
+        funcs = trl_reward_funcs(build_rewards(self.block(recipe).rewards))
         trainer_cls = atomic_checkpoints(GRPOTrainer)
         return trainer_cls(model=model, reward_funcs=funcs, args=self.trl_config(recipe),
                            train_dataset=train_ds.remove_columns(["prompt_ids"]), processing_class=tokenizer,

@@ -8,7 +8,7 @@ the trained one, and the mean training reward of the first and last 10% of steps
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -107,16 +107,17 @@ def completion_mask(completions: Any, stops: list[int], pad: int) -> Any:
     return ((torch.cumsum(is_stop.int(), 1) - is_stop.int()) == 0).long()
 
 
-class OnlineRL(Method):
+OB = TypeVar("OB", bound="OnlineRLBlock")
+
+
+class OnlineRL(Method[OB]):
     """What grpo and ppo share: prompt-only data, rewards, and a held-out report against the starting policy."""
 
     formats = ("prompt",)
     eval_before = True  # the report compares the trained policy with the starting one
 
     def reward_specs(self, recipe: "Recipe") -> list[Any]:
-        m = recipe.method
-        assert isinstance(m, OnlineRLBlock)
-        return list(m.rewards)
+        return list(self.block(recipe).rewards)
 
 
 
@@ -124,7 +125,7 @@ class OnlineRL(Method):
         """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
         import torch
 
-        m = recipe.method
+        m = self.block(recipe)
         funcs = build_rewards(m.rewards)
         torch.manual_seed(recipe.train.seed)  # the same draws before and after training: a paired comparison
         was_training = model.training
@@ -162,7 +163,8 @@ class OnlineRL(Method):
         lines = []
         out: dict[str, Any] = {}
         for mode in ("sampled", "greedy"):
-            how = f"{recipe.method.eval_samples} samples at T={recipe.method.temperature}" if mode == "sampled" else "greedy"
+            m = self.block(recipe)
+            how = f"{m.eval_samples} samples at T={m.temperature}" if mode == "sampled" else "greedy"
             for key, value in after[mode].items():
                 prev = before[mode].get(key) if before else None
                 name = "mean reward" if key == "reward" else key

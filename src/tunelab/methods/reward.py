@@ -44,7 +44,7 @@ def as_sequences(dataset: Any) -> Any:
                        remove_columns=[c for c in dataset.column_names if c not in ("chosen_ids", "rejected_ids", *keep)])
 
 
-class Reward(TRLMethod):
+class Reward(TRLMethod[RewardBlock]):
     """A reward model on TRL's RewardTrainer (a sequence classifier with one label)."""
 
     name = "reward"
@@ -57,8 +57,7 @@ class Reward(TRLMethod):
         return RewardConfig
 
     def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
-        m = recipe.method
-        assert isinstance(m, RewardBlock)
+        m = self.block(recipe)
         return dict(max_length=recipe.data.max_length, center_rewards_coefficient=m.center_rewards_coefficient,
                     dataset_num_proc=None)
 

@@ -15,7 +15,7 @@ head over every position: same loss, gradients and metrics, less compute and mem
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field
 
@@ -55,12 +55,14 @@ def sft_trainer_class() -> type:
         def _direct_loss_ok(self, inputs: dict) -> bool:
             if self.compute_loss_func is not None or self.label_smoother is not None or self.aux_loss_enabled:
                 return False
-            if self.args.loss_type not in ("nll", "dft") or "labels" not in inputs:
+            args: Any = self.args  # an SFTConfig
+            if args.loss_type not in ("nll", "dft") or "labels" not in inputs:
                 return False
             sp = getattr(self.accelerator, "parallelism_config", None)
             if sp is not None and getattr(sp, "sp_enabled", False):
                 return False
-            head = self.model.get_output_embeddings()
+            model: Any = self.model
+            head = model.get_output_embeddings()
             vocab = head.weight.shape[0] if head is not None else None
             scored = int((inputs["labels"][:, 1:] != -100).sum())  # the head runs only where a label is scored
             return vocab is not None and scored * vocab * 4 < FUSED_HEAD_MIN_LOGIT_BYTES
@@ -68,7 +70,8 @@ def sft_trainer_class() -> type:
         def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             real_tokens = inputs.pop("num_real_tokens", None)  # set by PackedRowsCollator
-            mode = "train" if self.model.training else "eval"
+            own: Any = self.model
+            mode = "train" if own.training else "eval"
             if return_outputs or not self._direct_loss_ok(inputs):
                 before = self._total_train_tokens
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -86,7 +89,7 @@ def sft_trainer_class() -> type:
             lp = logits.log_softmax(-1)  # once: for the loss and for the logged metrics
             logp = lp.gather(-1, target[:, None]).squeeze(-1)
             per_token = -logp
-            if self.args.loss_type == "dft":  # dynamic fine-tuning: weight each token by its own probability
+            if cast(Any, self.args).loss_type == "dft":  # dynamic fine-tuning: weight each token by its own probability
                 per_token = per_token * logp.exp().detach()
             denom = target.numel() if num_items_in_batch is None else num_items_in_batch
             loss = per_token.sum() / torch.as_tensor(denom, device=logits.device).clamp(min=1)
@@ -120,7 +123,7 @@ def sft_trainer_class() -> type:
     return TunelabSFTTrainer
 
 
-class SFT(TRLMethod):
+class SFT(TRLMethod[SFTBlock]):
     """Supervised fine-tuning on TRL's SFTTrainer over tunelab-tokenized rows (input_ids + labels)."""
 
     name = "sft"
@@ -134,8 +137,7 @@ class SFT(TRLMethod):
         return SFTConfig
 
     def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
-        m = recipe.method
-        assert isinstance(m, SFTBlock)
+        m = self.block(recipe)
         return dict(
             max_length=recipe.data.max_length,
             packing=recipe.data.packing,

@@ -75,7 +75,7 @@ def builtin_model(name: str, dtype: Any = None, attn_implementation: str = "sdpa
     auto = AutoModelForCausalLM
     if head == "score":
         config.num_labels = 1
-        auto = AutoModelForSequenceClassification
+        auto = AutoModelForSequenceClassification  # type: ignore[assignment]  # both are auto classes
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(INIT_SEED)

@@ -91,7 +91,7 @@ def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
 
         cfg = json.loads((p / "adapter_config.json").read_text())
         base = load_base(cfg.get("base_model_name_or_path") or "")
-        model = PeftModel.from_pretrained(base, path)
+        model: Any = PeftModel.from_pretrained(base, path)
         if merge:
             model = model.merge_and_unload()
     elif mla_checkpoint(p):

@@ -114,7 +114,7 @@ def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation
     if attn_implementation not in ("eager", "sdpa"):
         raise UserError(Problem("model.attn_implementation", f"{path} is an MLA model: its attention reads eager or "
                                 f"sdpa masks, not {attn_implementation}", "use sdpa"))
-    model = load_mla_model(path, attn_implementation=attn_implementation)
+    model: Any = load_mla_model(path, attn_implementation=attn_implementation)
     if dtype is not None:
         model = model.to(dtype)
     # from_config leaves these empty; a PEFT adapter records its base from them

@@ -38,8 +38,10 @@ class FusedLoraLinear(LoraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
-        a = torch.nn.functional.linear(x, self.lora_A[name].weight)  # [..., r]
-        b = self.lora_B[name].weight  # [out, r]
+        lora_a: Any = self.lora_A[name]
+        lora_b: Any = self.lora_B[name]
+        a = torch.nn.functional.linear(x, lora_a.weight)  # [..., r]
+        b = lora_b.weight  # [out, r]
         if result.dtype != a.dtype:
             return super().forward(x)
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), b.t(),

@@ -95,6 +95,7 @@ class RopePatch(Strict):
             return original, float(self.factor)
         if self.factor is not None:
             return original, float(self.factor)
+        assert self.target_length is not None  # the validator asks for factor or target_length
         factor = self.target_length / original
         if factor <= 1:
             raise ValueError(f"target_length {self.target_length} is not longer than the original length "
@@ -143,7 +144,7 @@ def ramp_extrapolation_weight(dim: int, base: float, original: int, beta_fast: f
     import torch
 
     low = max(math.floor(correction_dim(beta_fast, dim, base, original)), 0)
-    high = min(math.ceil(correction_dim(beta_slow, dim, base, original)), dim - 1)
+    high: float = min(math.ceil(correction_dim(beta_slow, dim, base, original)), dim - 1)
     if low == high:
         high += 0.001  # one pair is the whole blend: avoid dividing by zero
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

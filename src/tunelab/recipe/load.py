@@ -331,7 +331,7 @@ def _describe(err: dict[str, Any], data: dict[str, Any]) -> Problem:
 
 def validation_problems(exc: ValidationError, data: dict[str, Any]) -> list[Problem]:
     """Turn pydantic's errors into Problems with dotted keys and 'did you mean' hints."""
-    return [_describe(e, data) for e in exc.errors()]
+    return [_describe(dict(e), data) for e in exc.errors()]
 
 
 # --- --set overrides -------------------------------------------------------------------------

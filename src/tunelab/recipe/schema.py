@@ -8,7 +8,7 @@ under a second. Method blocks come from the ``METHODS`` registry and patch block
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,6 +25,7 @@ from tunelab.specs import (
     DistributedSpec,
     FSDPSpec,
     LoraSpec,
+    MethodBlock,
     ModelSpec,
     PeftSpec,
     PrefixSpec,
@@ -86,20 +87,24 @@ class RecipeModelSpec(ModelSpec):
         return v
 
 
-MethodSpec = registry_union({name: m.config for name, m in METHODS.items()}, "name", "method")
-PatchSpec = registry_union({name: p.config for name, p in PATCHES.items()}, "name", "patch")
+if TYPE_CHECKING:  # what a type checker sees: a block of some method, of some patch
+    MethodSpec = MethodBlock
+    PatchSpec = Strict
+else:  # what pydantic validates: the discriminated unions over the registries
+    MethodSpec = registry_union({name: m.config for name, m in METHODS.items()}, "name", "method")
+    PatchSpec = registry_union({name: p.config for name, p in PATCHES.items()}, "name", "patch")
 
 
 class Recipe(Strict):
     """A whole recipe: model, optional patches and PEFT, data, method, training loop, distribution."""
 
     model: RecipeModelSpec = Field(description="the model to start from and how to load it")
-    patches: list[PatchSpec] = Field(  # type: ignore[valid-type]
+    patches: list[PatchSpec] = Field(
         default_factory=list, description="model patches (rope, mla), applied in order before PEFT")
-    peft: PeftSpec | None = Field(  # type: ignore[valid-type]
+    peft: PeftSpec | None = Field(
         None, description="parameter-efficient fine-tuning (lora, dora, qlora, prefix, prompt); none: full fine-tuning")
     data: DataSpec = Field(description="training and evaluation data")
-    method: MethodSpec = Field(description="the training method and its fields (sft, reward, dpo, grpo, ppo)")  # type: ignore[valid-type]
+    method: MethodSpec = Field(description="the training method and its fields (sft, reward, dpo, grpo, ppo)")
     train: TrainSpec = Field(default_factory=TrainSpec, description="the optimisation loop")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="how training is spread over "
                                          "processes (DDP, DeepSpeed ZeRO, FSDP2)")

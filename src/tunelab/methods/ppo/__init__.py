@@ -71,7 +71,7 @@ class PPOBlock(OnlineRLBlock):
         return self
 
 
-class PPO(OnlineRL):
+class PPO(OnlineRL[PPOBlock]):
     """PPO with our own trainer (methods/ppo/trainer.py): actor, critic, frozen reference, rewards."""
 
     name = "ppo"
@@ -84,8 +84,7 @@ class PPO(OnlineRL):
     }
 
     def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
-        m = recipe.method
-        assert isinstance(m, PPOBlock)
+        m = self.block(recipe)
         s = tokens + m.max_completion_length
         b = m.micro_batch(recipe.train)[0]
         return MemoryTerms(rows=b, tokens=s, trained="policy", reference=bool(m.reference) or recipe.peft is None,
@@ -98,7 +97,7 @@ class PPO(OnlineRL):
     def check(self, recipe: "Recipe") -> list[Any]:
         """Recipe checks PPO needs beyond the schema (problems, before any weights load)."""
         problems = super().check(recipe)
-        m: PPOBlock = recipe.method
+        m = self.block(recipe)
         if recipe.train.batch_size % m.num_minibatches:
             problems.append(Problem("method.num_minibatches", f"train.batch_size={recipe.train.batch_size} does not "
                                     f"split into {m.num_minibatches} equal minibatches", "pick a divisor"))

@@ -26,7 +26,7 @@ import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from tunelab.rewards.compute import build_rewards, score_all
 from tunelab.runs import RunDir
 
 if TYPE_CHECKING:
+    from tunelab.methods.ppo import PPOBlock
     from tunelab.recipe.schema import Recipe
 
 
@@ -52,6 +53,8 @@ class ValueModel(nn.Module):
     A module of its own (rather than calling the body and head from outside) so that DDP sees
     one forward per backward and averages the critic's gradients.
     """
+
+    net: Any  # a transformers sequence classifier (or a PeftModel of one): its body is found by name
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -66,6 +69,8 @@ class ValueModel(nn.Module):
 
 class ActorCritic(nn.Module):
     """The policy and the critic as one module: one forward, one backward, one optimizer per update."""
+
+    policy: Any  # a transformers causal LM (or a PeftModel of one)
 
     def __init__(self, policy: nn.Module, critic: ValueModel) -> None:
         super().__init__()
@@ -98,7 +103,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_critic(recipe: "Recipe", tokenizer: Any) -> nn.Module:
     """The critic's network: a score head on a copy of the policy's body, the reward model, or a path."""
-    m = recipe.method
+    m = cast("PPOBlock", recipe.method)
     if m.critic == "reward_model":
         path = next(r.model for r in m.rewards if r.model)
         net, _ = load_reward_model(path)
@@ -125,7 +130,7 @@ class PPOTrainer:
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
         from transformers import get_scheduler
 
-        self.recipe, self.m, self.t = recipe, recipe.method, recipe.train
+        self.recipe, self.m, self.t = recipe, cast("PPOBlock", recipe.method), recipe.train
         self.tokenizer, self.dataset, self.callbacks = tokenizer, train_ds, callbacks
         precision = resolve_precision(self.t.precision)
         plugin = None

@@ -106,7 +106,7 @@ class MLACache(DynamicCache):
 
     def stored_numel_per_token(self, layer_idx: int | None = None) -> int:
         """Numbers stored per token (per sequence) in one layer, or summed over layers when ``layer_idx`` is None."""
-        layers = self.layers if layer_idx is None else [self.layers[layer_idx]]
+        layers: list[Any] = list(self.layers) if layer_idx is None else [self.layers[layer_idx]]
         total = 0
         for layer in layers:
             if not layer.is_initialized or layer.keys.numel() == 0:
@@ -117,7 +117,8 @@ class MLACache(DynamicCache):
     def nbytes(self) -> int:
         """Bytes held by all cached tensors (every sequence, every layer)."""
         total = 0
-        for layer in self.layers:
+        layers: list[Any] = list(self.layers)
+        for layer in layers:
             if layer.is_initialized:
                 total += layer.keys.numel() * layer.keys.element_size()
                 total += layer.values.numel() * layer.values.element_size()
@@ -151,6 +152,8 @@ class MLAAttention(nn.Module):
     cannot pass through the latent). ``rope_pairs[g]`` are the frequency pairs RoPE key g (and
     the query heads that read it) keep rotating: shape (rope_heads, rope_dim / 2).
     """
+
+    rope_pairs: torch.Tensor  # a buffer: (rope_heads, rope_dim / 2) frequency pair indices
 
     def __init__(
         self,
@@ -221,6 +224,7 @@ class MLAAttention(nn.Module):
         b, t, _ = hidden_states.shape
         n_h, r = self.num_heads, self.rope_dim
 
+        assert position_embeddings is not None, "MLA attention reads the model's rotary cos/sin"
         cos, sin = self.rope_cos_sin(position_embeddings)
         q = self.q_proj(hidden_states).view(b, t, n_h, self.q_head_dim).transpose(1, 2)
         q_nope = q[..., : self.nope_dim]

@@ -79,12 +79,13 @@ ROPE_KEY_CHOICES = ("per-head", "shared")
 MLA_FORMAT_VERSION = 1
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
+def _layers(model: Any) -> Any:
+    """The decoder layers of a Llama-style causal LM (``model.model.layers``)."""
     return model.model.layers
 
 
 def _check_arguments(
-    model: nn.Module,
+    model: Any,
     kv_lora_rank: int,
     rope_dim: int,
     partial_rope: str,
@@ -129,7 +130,7 @@ def _check_arguments(
 
 @torch.no_grad()
 def calibration_stats(
-    model: nn.Module, calibration_ids: torch.Tensor, second_moment: bool = False, batch_size: int = 8
+    model: Any, calibration_ids: torch.Tensor, second_moment: bool = False, batch_size: int = 8
 ) -> list[dict[str, torch.Tensor]]:
     """Per layer, statistics of the attention inputs on calibration tokens (the model is not changed).
 
@@ -144,7 +145,7 @@ def calibration_stats(
     sums: list[dict[str, torch.Tensor]] = [{} for _ in _layers(model)]
     counts = [0] * len(sums)
 
-    def accumulate(i: int, attn: nn.Module, x: torch.Tensor) -> None:
+    def accumulate(i: int, attn: Any, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
         q = nn.functional.linear(x, attn.q_proj.weight.double(), _double(attn.q_proj.bias)).view(-1, n_h, 2, half)
         k = nn.functional.linear(x, attn.k_proj.weight.double(), _double(attn.k_proj.bias)).view(-1, n_kv, 2, half)
@@ -161,7 +162,7 @@ def calibration_stats(
 
     hooks = []
     for i, layer in enumerate(_layers(model)):
-        def grab(_module: nn.Module, args: tuple, i: int = i, attn: nn.Module = layer.self_attn) -> None:
+        def grab(_module: Any, args: tuple, i: int = i, attn: Any = layer.self_attn) -> None:
             accumulate(i, attn, args[0].detach())
 
         hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(grab))
@@ -185,7 +186,7 @@ def _pair_scores(stats: dict[str, torch.Tensor], groups: int) -> torch.Tensor:
 
 
 def select_rope_pairs(
-    model: nn.Module,
+    model: Any,
     rope_dim: int,
     partial_rope: str = "high",
     calibration_ids: torch.Tensor | None = None,
@@ -281,7 +282,7 @@ def factor_kv(
     return down, w_uk, w_uv
 
 
-def _new_mla_module(config: Any, layer_idx: int, spec: Mapping[str, Any], like: nn.Module) -> MLAAttention:
+def _new_mla_module(config: Any, layer_idx: int, spec: Mapping[str, Any], like: Any) -> MLAAttention:
     """An MLA module of the shapes ``spec`` describes, on the device and dtype of the module it replaces."""
     module = MLAAttention(
         config,
@@ -310,7 +311,7 @@ def shared_rope_mix(k_cov: torch.Tensor) -> torch.Tensor:
     return u * torch.where(u.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(u)
 
 
-def _weight_k_cov(attn: nn.Module, n_kv: int, head_dim: int) -> torch.Tensor:
+def _weight_k_cov(attn: Any, n_kv: int, head_dim: int) -> torch.Tensor:
     """The keys' per-pair second moment across heads for isotropic unit inputs (no calibration data)."""
     half = head_dim // 2
     w = attn.k_proj.weight.double().view(n_kv, 2, half, -1)
@@ -357,7 +358,7 @@ def _shared_query_rows(w: torch.Tensor, pairs: torch.Tensor, mix: torch.Tensor, 
 
 @torch.no_grad()
 def _convert_layer(
-    attn: nn.Module, config: Any, layer_idx: int, spec: Mapping[str, Any], mix: torch.Tensor | None = None
+    attn: Any, config: Any, layer_idx: int, spec: Mapping[str, Any], mix: torch.Tensor | None = None
 ) -> MLAAttention:
     """Build the MLA module of one layer from its stock attention (the SVD happens here).
 
@@ -414,7 +415,7 @@ def _convert_layer(
 
 
 @torch.no_grad()
-def _latent_rms(new: MLAAttention, input_norm: nn.Module | None, x2: torch.Tensor | None) -> float:
+def _latent_rms(new: MLAAttention, input_norm: Any, x2: torch.Tensor | None) -> float:
     """The latent's root-mean-square: from the inputs' second moment when measured, else for isotropic inputs.
 
     Without calibration the attention input is taken as a unit-RMS vector scaled by the layer's
@@ -433,7 +434,7 @@ def _latent_rms(new: MLAAttention, input_norm: nn.Module | None, x2: torch.Tenso
 
 @torch.no_grad()
 def convert_to_mla(
-    model: nn.Module,
+    model: Any,
     kv_lora_rank: int,
     rope_dim: int,
     partial_rope: str = "high",
@@ -477,7 +478,7 @@ def convert_to_mla(
         for i, layer in enumerate(_layers(model)):
             cov = stats[i]["k_cov"] if stats is not None else _weight_k_cov(layer.self_attn, n_kv, d)
             mixes[i] = shared_rope_mix(cov[pairs[i][0]])
-        spec["rope_mix"] = [m.tolist() for m in mixes]  # what reconstruction_error needs to undo the split
+        spec["rope_mix"] = [m.tolist() for m in mixes if m is not None]  # what reconstruction_error needs to undo the split
     for i, layer in enumerate(_layers(model)):
         new = _convert_layer(layer.self_attn, config, i, spec, mixes[i])
         if new.kv_norm is not None:
@@ -488,7 +489,7 @@ def convert_to_mla(
     return model
 
 
-def set_absorbed(model: nn.Module, absorb: bool = True) -> nn.Module:
+def set_absorbed(model: Any, absorb: bool = True) -> nn.Module:
     """Switch every MLA layer between the plain path and the absorbed (W_UK/W_UV folded) path."""
     for module in model.modules():
         if isinstance(module, MLAAttention):
@@ -497,7 +498,7 @@ def set_absorbed(model: nn.Module, absorb: bool = True) -> nn.Module:
 
 
 @torch.no_grad()
-def reconstruction_error(original_model: nn.Module, converted_model: nn.Module) -> float:
+def reconstruction_error(original_model: Any, converted_model: Any) -> float:
     """Relative Frobenius error of the low-rank [W_k_nope; W_v] over all layers: ||M - W_up W_down|| / ||M||.
 
     Measures only the compression (step 2), not the change of function from partial RoPE. With

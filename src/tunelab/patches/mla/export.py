@@ -84,7 +84,7 @@ def _interleave(rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def deepseek_state_dict(model: torch.nn.Module, rope_layout: str = "interleaved") -> tuple[Any, dict[str, torch.Tensor]]:
+def deepseek_state_dict(model: Any, rope_layout: str = "interleaved") -> tuple[Any, dict[str, torch.Tensor]]:
     """The DeepSeek-V3 config and state dict equal to a converted model; refuses one DeepSeek cannot represent."""
     from transformers import DeepseekV3Config
 
