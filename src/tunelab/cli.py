@@ -147,12 +147,12 @@ def validate(
     failed = 0
     for path in recipes:
         try:
-            loaded, notes = check(path, set_ or [])
-            for note in notes:
+            resolved = check(path, set_ or [])
+            for note in resolved.notes:
                 typer.echo(f"  note: {note}")
             typer.echo(f"ok: {path}")
             if show_distributed is not None:
-                _show_distributed(loaded.recipe, show_distributed)
+                _show_distributed(resolved.recipe, show_distributed)
         except UserError as exc:
             failed += 1
             typer.echo(exc.render(), err=True)

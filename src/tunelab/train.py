@@ -11,21 +11,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.pipeline import build_datasets, data_fingerprints
+from tunelab.data.pipeline import build_datasets
 from tunelab.data.templates import choice_of
 from tunelab.distributed.config import zero_stage
 from tunelab.distributed.process_group import close_process_group, connectivity_check, deepspeed_process_group
 from tunelab.distributed.zero_checkpoint import load_universal, make_universal, resume_plan
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
-from tunelab.methods import method_of
 from tunelab.models.builtin import builtin_model
-from tunelab.models.load import is_tiny_builtin, load_model, load_tokenizer, missing_models, set_stop_tokens
+from tunelab.models.load import is_tiny_builtin, load_model, load_tokenizer, set_stop_tokens
 from tunelab.models.peft import apply_peft, quantization_of, uses_virtual_tokens
-from tunelab.patches import apply_patches, patch_data_sources
+from tunelab.patches import apply_patches
 from tunelab.recipe.load import load_recipe
 from tunelab.recipe.lock import read_lock_provenance, write_lock
-from tunelab.recipe.validate import validate
+from tunelab.recipe.schema import Recipe
+from tunelab.recipe.validate import ResolvedRecipe, validate
 from tunelab.runs import RunDir, loss_summary, metrics_callback, model_card, plot_metrics
 
 
@@ -68,14 +68,6 @@ def check_lock_data(recipe_path: Path, fingerprints: list[dict[str, Any]],
             say(f"warning: {d['source']} changed since the lock file was written (sha256 differs)")
 
 
-def distributed_strategy(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]) -> str:
-    """The recipe's distributed.strategy, read before anything forms a process group (schema only)."""
-    try:
-        return load_recipe(recipe_path, overrides).recipe.distributed.strategy
-    except UserError:
-        return "none"  # validate() reports it with everything else
-
-
 def one_process_group() -> None:
     """The environment of a 1-process launch, so that DeepSpeed runs under plain `tunelab train`.
 
@@ -114,10 +106,9 @@ def gathered(model: Any) -> Any:
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                 resume: str | None = None) -> dict[str, Any]:
-    """Train a recipe end to end; returns the run summary (also saved as summary.json)."""
-    strategy = distributed_strategy(recipe_path, overrides)
+def prepare_processes(recipe: Recipe) -> None:
+    """The environment the recipe's strategy needs before anything forms a process group."""
+    strategy = recipe.distributed.strategy
     if strategy.startswith("zero") and "WORLD_SIZE" not in os.environ:
         one_process_group()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda() and strategy in ("none", "ddp") and \
@@ -127,22 +118,89 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         # DeepSpeed the CPU flag would turn DeepSpeed off; PPO asks for gloo itself.)
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
-    loaded, notes = validate(recipe_path, overrides)
-    for note in notes:
+
+def prepare_data(resolved: ResolvedRecipe, run: RunDir, tokenizer: Any) -> tuple[Any, Any, Any, dict[str, Any] | None]:
+    """(train, eval, data report, chat template record): the data tokenized, the report and the lock file written."""
+    recipe = resolved.recipe
+    template = choice_of(tokenizer)  # said by validate()
+    train_ds, eval_ds, report = build_datasets(recipe, tokenizer)
+    for line in report.lines():
+        say(line)
+    run.data_report.write_text(json.dumps(report.to_dict(), indent=2))
+    fingerprints = resolved.fingerprints()  # taken when validate read the files
+    template_record = template.lock_record() if template.text else None
+    check_lock_data(resolved.loaded.path, fingerprints, template_record)
+    write_lock(run.lock, resolved.loaded, fingerprints, template_record)
+    return train_ds, eval_ds, report, template_record
+
+
+def prepare_model(resolved: ResolvedRecipe, run: RunDir, tokenizer: Any) -> Any:
+    """The model to train: loaded, patched, with PEFT adapters (a built-in base is saved beside the run for them)."""
+    recipe, head = resolved.recipe, resolved.method.model_head
+    quantization = quantization_of(recipe)
+    model = load_model(recipe.model, quantization, full_finetune=recipe.peft is None, head=head)
+    if head == "score":  # the reward head reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if is_tiny_builtin(recipe.model.path):
+        model.config.name_or_path = recipe.model.path
+    for record in apply_patches(model, recipe, tokenizer):
+        say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
+    if recipe.peft is None:
+        return model
+    if is_tiny_builtin(recipe.model.path):
+        # plain peft must find the base weights: keep the (seeded, random) base beside the run, patched as the
+        # trained model is, in full precision (so that `tunelab merge` folds the adapter into fp32 weights)
+        base_dir = (run.root / "base").resolve()
+        if not base_dir.exists():
+            save_builtin_base(model, quantization, resolved, tokenizer, base_dir)
+        model.config.name_or_path = str(base_dir)
+        model.name_or_path = str(base_dir)
+    model = apply_peft(model, recipe.peft, tokenizer, recipe.model.gradient_checkpointing, head=head)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"peft {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters")
+    if uses_virtual_tokens(recipe.peft) and recipe.data.packing:
+        say("packing is off: prefix/prompt tuning prepend virtual tokens to every row")
+        recipe.data.packing = False
+    return model
+
+
+def save_builtin_base(model: Any, quantization: Any, resolved: ResolvedRecipe, tokenizer: Any, base_dir: Path) -> None:
+    """Save the base an adapter on a built-in model records: the loaded model itself when it is full-precision and
+    unquantized (its patches are then applied once), else a fresh copy patched the same way."""
+    import torch
+
+    recipe = resolved.recipe
+    base = model
+    if quantization is not None or next(model.parameters()).dtype != torch.float32:
+        base = builtin_model(recipe.model.path[len("builtin:") :], head=resolved.method.model_head)
+        apply_patches(base, recipe, tokenizer)  # the adapter's base must rotate (and attend) as the trained model
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+
+
+def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                 resume: str | None = None) -> dict[str, Any]:
+    """Train a recipe end to end; returns the run summary (also saved as summary.json).
+
+    The phases: the processes' environment, validate (everything but weights, reading each file once),
+    the resume plan, the data (tokenized; report and lock file), the model (loaded, patched, PEFT), held-out
+    evaluation of the start, training, saving final/, the report.
+    """
+    loaded = load_recipe(recipe_path, overrides)
+    prepare_processes(loaded.recipe)
+    resolved = validate(recipe_path, overrides, loaded=loaded)
+    for note in resolved.notes:
         say(note)
-    recipe = loaded.recipe
+    recipe, method = resolved.recipe, resolved.method
     if recipe.distributed.strategy == "fsdp2" and (problem := fsdp2_problem()):
         raise UserError(problem)
-
-    missing = missing_models(recipe)
-    if missing:
-        raise UserError(missing)
+    if resolved.missing:
+        raise UserError(resolved.missing)
     run = RunDir(Path(recipe.train.output_dir))
     resume_from = resolve_resume(run, resume)
     universal, resume_notes = None, list[str]()
-    method = method_of(recipe.method)
     if resume_from is not None and not method.owns_checkpointing:  # a trainer of our own checks its checkpoints
-
         universal, resume_notes = resume_plan(resume_from, zero_stage(recipe), int(os.environ.get("WORLD_SIZE", "1")))
 
     from transformers import set_seed
@@ -150,48 +208,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     set_seed(recipe.train.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.model)
-
-    template = choice_of(tokenizer)  # said by validate()
-    train_ds, eval_ds, report = build_datasets(recipe, tokenizer)
-    for line in report.lines():
-        say(line)
-    run.data_report.write_text(json.dumps(report.to_dict(), indent=2))
-    fingerprints = data_fingerprints(recipe, patch_data_sources(recipe))
-    template_record = template.lock_record() if template.text else None
-    check_lock_data(loaded.path, fingerprints, template_record)
-    write_lock(run.lock, loaded, fingerprints, template_record)
-
-    head = method.model_head
-    model = load_model(recipe.model, quantization_of(recipe), full_finetune=recipe.peft is None, head=head)
-    if head == "score":  # the reward head reads the last non-pad token
-        model.config.pad_token_id = tokenizer.pad_token_id
-
-    if is_tiny_builtin(recipe.model.path):
-        model.config.name_or_path = recipe.model.path
-    if recipe.patches:
-        for record in apply_patches(model, recipe, tokenizer):
-            say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
-    if recipe.peft is not None:
-        if is_tiny_builtin(recipe.model.path):
-            # plain peft must find the base weights: keep the (seeded, random) base beside the run
-            # (unquantized, so that `tunelab merge` folds the adapter into full-precision weights)
-            base_dir = (run.root / "base").resolve()
-            if not base_dir.exists():
-                base = builtin_model(recipe.model.path[len("builtin:") :], head=head)
-                if recipe.patches:
-                                # the adapter's base must rotate (and attend) as the trained model did
-                    apply_patches(base, recipe, tokenizer)
-                base.save_pretrained(base_dir)
-                tokenizer.save_pretrained(base_dir)
-            model.config.name_or_path = str(base_dir)
-            model.name_or_path = str(base_dir)
-        model = apply_peft(model, recipe.peft, tokenizer, recipe.model.gradient_checkpointing, head=head)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        say(f"peft {recipe.peft.method}: {trainable:,} trainable of {total:,} parameters")
-        if uses_virtual_tokens(recipe.peft) and recipe.data.packing:
-            say("packing is off: prefix/prompt tuning prepend virtual tokens to every row")
-            recipe.data.packing = False
+    train_ds, eval_ds, report, template_record = prepare_data(resolved, run, tokenizer)
+    model = prepare_model(resolved, run, tokenizer)
 
     summary: dict[str, Any] = {"output_dir": str(run.root)}
     before = None

@@ -22,9 +22,11 @@ def test_the_walk_finds_the_library():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_recipe_validates(path):
-    loaded, notes = validate(path)
-    assert loaded.recipe.method.name
-    for note in notes:  # hub datasets unchecked offline, and a chain's input run not trained yet
+    resolved = validate(path)
+    assert resolved.recipe.method.name and resolved.method.name == resolved.recipe.method.name
+    assert [c.key for c in resolved.sources] == [f"data.{split}[{i}]" for split in ("train", "eval")
+                                                 for i, _ in enumerate(getattr(resolved.recipe.data, split))]
+    for note in resolved.notes:  # hub datasets unchecked offline, and a chain's input run not trained yet
         assert ("not checked (offline)" in note or "it is a run's output" in note or note.startswith("chat template ")
                 or "both are stop tokens" in note), note
 

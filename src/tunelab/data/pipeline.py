@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
-from tunelab.data.sources import fingerprint, iter_rows, resolve_source
+from tunelab.data.sources import Resolved, Sha256Reader, fingerprint, iter_rows, resolve_source
 from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 from tunelab.errors import DataError, Problem
 from tunelab.specs import DataSource
@@ -235,16 +235,9 @@ def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
     return to_ds(train), (to_ds(eval_rows) if eval_rows else None), report
 
 
-def data_fingerprints(recipe: Any, extra: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
-    """Fingerprints of every train and eval source and of ``extra`` (recipe key, source) pairs, for the lock file.
-
-    ``extra`` holds the data the recipe's patches read (``patches.patch_data_sources``), fingerprinted as text.
-    """
+def source_fingerprints(extra: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Fingerprints of (recipe key, data source) pairs read as text: the data the recipe's patches read."""
     out = []
-    for split, sources in (("train", recipe.data.train), ("eval", recipe.data.eval)):
-        for i, src in enumerate(sources):
-            resolved = resolve_source(src.source, f"data.{split}[{i}].source")
-            out.append({"split": split, **fingerprint(src, resolved)})
     for key, source in extra:
         src = DataSource(source=source, format="text")
         out.append({"split": key, **fingerprint(src, resolve_source(source, key))})
@@ -255,19 +248,38 @@ LOCAL_CHECK_ROWS = 200_000  # validate converts every row of a local file up to 
 MAX_ROW_PROBLEMS = 10  # bad rows listed per source; the rest are counted
 
 
-def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None) -> tuple[list[Problem], list[str]]:
-    """Resolve every source and convert its rows; (problems, notes). No model, no tokenizer.
+KEEP_ROWS = 2000  # converted rows of each local source kept for the checks that follow (template, reward columns)
+
+
+@dataclass
+class CheckedSource:
+    """One data source as validate read it: resolved, every row checked, fingerprinted, its first rows kept.
+
+    The file is read once for all of that; training reads it once more, to tokenize it.
+    """
+
+    key: str  # the recipe key, e.g. data.train[0]
+    source: DataSource
+    resolved: Resolved
+    fingerprint: dict[str, Any]  # for the lock file
+    rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (row number, canonical row), local only
+
+
+def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None,
+               ) -> tuple[list[Problem], list[str], list[CheckedSource]]:
+    """Resolve every source and convert its rows; (problems, notes, checked sources). No model, no tokenizer.
 
     Local and bundled files are read whole (up to ``LOCAL_CHECK_ROWS`` rows), so a bad row
-    anywhere (an identical preference pair on row 9000) stops the run here, not mid-training.
-    Hub datasets are checked on their first rows; one that cannot be reached offline is a note,
-    not a problem: validate runs on machines without hub access (CI), and training will load
-    it where the hub is reachable.
+    anywhere (an identical preference pair on row 9000) stops the run here, not mid-training;
+    the same read hashes the file for the lock file. Hub datasets are checked on their first
+    rows; one that cannot be reached offline is a note, not a problem: validate runs on machines
+    without hub access (CI), and training will load it where the hub is reachable.
     """
     import os
 
     problems: list[Problem] = []
     notes: list[str] = []
+    checked: list[CheckedSource] = []
     for split in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, split)):
             key = f"data.{split}[{i}]"
@@ -280,13 +292,18 @@ def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ..
                 if not resolved.is_local and (os.environ.get("HF_HUB_OFFLINE") == "1"
                                               or os.environ.get("HF_DATASETS_OFFLINE") == "1"):
                     notes.append(f"{key}.source: hub dataset {resolved.hub_id!r} not checked (offline)")
+                    checked.append(CheckedSource(key, src, resolved, fingerprint(src, resolved)))
                     continue
                 limit = LOCAL_CHECK_ROWS if resolved.is_local else first_rows
+                reader = Sha256Reader(resolved.path) if resolved.path is not None else None
                 n, bad = 0, 0
-                for rowno, row in iter_rows(src, resolved, limit=limit):
+                kept: list[tuple[int, dict[str, Any]]] = []
+                for rowno, row in iter_rows(src, resolved, limit=limit, reader=reader):
                     n += 1
                     try:
-                        convert(row, src)
+                        canonical = convert(row, src)
+                        if resolved.is_local and len(kept) < KEEP_ROWS:
+                            kept.append((rowno, canonical))
                     except BadRow as exc:
                         if recipe.data.on_bad_row == "error":
                             bad += 1
@@ -294,6 +311,8 @@ def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ..
                                 problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),
                                                         f"format is {src.format!r}; fix the data, the format or "
                                                         "field_map, or set data.on_bad_row: skip"))
+                digest = reader.finish() if reader is not None else None
+                checked.append(CheckedSource(key, src, resolved, fingerprint(src, resolved, digest), kept))
                 if bad > MAX_ROW_PROBLEMS:
                     problems.append(Problem(f"{key}: {resolved.label}", f"{bad - MAX_ROW_PROBLEMS} more bad rows"))
                 if n == 0:
@@ -302,7 +321,8 @@ def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ..
                     notes.append(f"{key}.source: checked the first {limit} rows of {resolved.label}")
             except DataError as exc:
                 problems.extend(exc.problems)
-    return problems, notes
+    return problems, notes, checked
 
 
-__all__ = ["DataReport", "REQUIRED_FIELDS", "build_datasets", "check_data", "data_fingerprints", "encode_source"]
+__all__ = ["CheckedSource", "DataReport", "REQUIRED_FIELDS", "build_datasets", "check_data", "encode_source",
+           "source_fingerprints"]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tunelab.errors import DataError, Problem
 
@@ -65,8 +66,8 @@ def resolve_source(source: str, key: str) -> Resolved:
     return Resolved(label=source, hub_id=source)
 
 
-def _read_json(path: Path) -> list[Any]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+def _parse_json(path: Path, text: str) -> list[Any]:
+    data = json.loads(text)
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:
@@ -77,13 +78,63 @@ def _read_json(path: Path) -> list[Any]:
     return data
 
 
-def iter_local(path: Path, limit: int | None = None) -> Iterator[tuple[int, Any]]:
-    """(row number, row) pairs of a local file; row numbers are 1-based (jsonl: the line number)."""
+class Sha256Reader:
+    """A binary file read once: its sha256 grows with every byte the parser takes, and ``finish`` hashes the rest.
+
+    So checking a file's rows and fingerprinting it is one read, not two.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.fh = path.open("rb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def lines(self) -> Iterator[bytes]:
+        for line in self.fh:
+            self.hash.update(line)
+            self.size += len(line)
+            yield line
+
+    def finish(self) -> tuple[str, int]:
+        """(sha256 hex digest, size in bytes) of the whole file, reading what the parser left."""
+        for chunk in iter(lambda: self.fh.read(1 << 20), b""):
+            self.hash.update(chunk)
+            self.size += len(chunk)
+        self.fh.close()
+        return self.hash.hexdigest(), self.size
+
+
+def _rows_of_bytes(path: Path, text: Callable[[], str], limit: int | None) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a .json or .csv file from its decoded text."""
+    if path.suffix == ".json":
+        rows = _parse_json(path, text())
+        yield from enumerate(rows[:limit] if limit else rows, 1)
+    else:
+        for i, row in enumerate(csv.DictReader(io.StringIO(text(), newline="")), 1):
+            yield i, dict(row)
+            if limit is not None and i >= limit:
+                return
+
+
+def iter_local(path: Path, limit: int | None = None, reader: Sha256Reader | None = None) -> Iterator[tuple[int, Any]]:
+    """(row number, row) pairs of a local file; row numbers are 1-based (jsonl: the line number).
+
+    With a ``reader`` the bytes come through it (and are hashed on the way); otherwise the file is opened here.
+    """
     suffix = path.suffix
-    count = 0
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+    own = reader is None
+    source = reader or Sha256Reader(path)
+    try:
+        if suffix == ".jsonl":
+            count = 0
+            for lineno, raw in enumerate(source.lines(), 1):
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
                 try:
@@ -95,23 +146,18 @@ def iter_local(path: Path, limit: int | None = None) -> Iterator[tuple[int, Any]
                 count += 1
                 if limit is not None and count >= limit:
                     return
-    elif suffix == ".json":
-        for i, row in enumerate(_read_json(path)[:limit] if limit else _read_json(path), 1):
-            yield i, row
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh), 1):
-                yield i, dict(row)
-                if limit is not None and i >= limit:
-                    return
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        elif suffix in (".json", ".csv"):
+            yield from _rows_of_bytes(path, lambda: source.read().decode("utf-8"), limit)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if limit is not None:
-            table = table.slice(0, limit)
-        for i, row in enumerate(table.to_pylist(), 1):
-            yield i, row
+            table = pq.read_table(io.BytesIO(source.read()))
+            if limit is not None:
+                table = table.slice(0, limit)
+            yield from enumerate(table.to_pylist(), 1)
+    finally:
+        if own:
+            source.fh.close()
 
 
 def iter_hub(src: Any, resolved: Resolved, limit: int | None = None) -> Iterator[tuple[int, Any]]:
@@ -132,22 +178,24 @@ def iter_hub(src: Any, resolved: Resolved, limit: int | None = None) -> Iterator
             return
 
 
-def iter_rows(src: Any, resolved: Resolved, limit: int | None = None) -> Iterator[tuple[int, Any]]:
+def iter_rows(src: Any, resolved: Resolved, limit: int | None = None,
+              reader: Sha256Reader | None = None) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a source, local (through ``reader`` when given) or on the hub."""
     if resolved.is_local:
         assert resolved.path is not None
-        return iter_local(resolved.path, limit)
+        return iter_local(resolved.path, limit, reader)
     return iter_hub(src, resolved, limit)
 
 
-def fingerprint(src: Any, resolved: Resolved) -> dict[str, Any]:
-    """What identifies the data a run saw: sha256 of a local file, or the hub id and revision."""
+def fingerprint(src: Any, resolved: Resolved, digest: tuple[str, int] | None = None) -> dict[str, Any]:
+    """What identifies the data a run saw: sha256 of a local file, or the hub id and revision.
+
+    ``digest`` is (sha256, size) when the file was already read (``Sha256Reader.finish``).
+    """
     if resolved.is_local:
         assert resolved.path is not None
-        h = hashlib.sha256()
-        with resolved.path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return {"source": src.source, "path": str(resolved.path), "sha256": h.hexdigest(),
-                "bytes": resolved.path.stat().st_size}
+        if digest is None:
+            digest = Sha256Reader(resolved.path).finish()
+        return {"source": src.source, "path": str(resolved.path), "sha256": digest[0], "bytes": digest[1]}
     return {"source": src.source, "hub_id": resolved.hub_id, "config": src.config, "split": src.split,
             "revision": src.revision}

@@ -9,22 +9,24 @@
    its weights).
 6. the ``distributed:`` block: the DeepSpeed JSON is generated (or the user's is read, its ``auto``
    values filled and its conflicts with the recipe reported) -- ``tunelab.distributed.config``.
-All problems are collected and raised together.
+All problems are collected and raised together. What it read comes back as a ``ResolvedRecipe``
+(the recipe, its method, every source checked and fingerprinted with its first rows, the model's
+config when read, missing model paths, notes) for ``train`` and ``plan`` to run from.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.formats import BadRow, convert
-from tunelab.data.pipeline import check_data
-from tunelab.data.sources import iter_rows, resolve_source
+from tunelab.data.pipeline import CheckedSource, check_data, source_fingerprints
 from tunelab.data.templates import REGISTRY, TemplateMismatch, choice_of, render_with_mask
 from tunelab.distributed.config import distributed_problems
-from tunelab.errors import DataError, Problem, RecipeError, UserError
+from tunelab.errors import Problem, RecipeError, UserError
 from tunelab.methods import method_of
+from tunelab.methods.base import Method
 from tunelab.models.gguf import gguf_problems, is_gguf_path
 from tunelab.models.load import (
     attn_problems,
@@ -35,8 +37,9 @@ from tunelab.models.load import (
     missing_models,
     mla_checkpoint_problems,
 )
-from tunelab.patches import patch_problems, patch_recipe_problems
+from tunelab.patches import patch_data_sources, patch_problems, patch_recipe_problems
 from tunelab.recipe.load import LoadedRecipe, load_recipe
+from tunelab.recipe.schema import Recipe
 from tunelab.rewards import required_columns, reward_problems
 
 
@@ -49,31 +52,22 @@ def report_to_problems(recipe: Any) -> list[Problem]:
             if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None]
 
 
-def reward_column_problems(recipe: Any, rewards: list[Any]) -> list[Problem]:
+def reward_column_problems(checked: list[CheckedSource], rewards: list[Any]) -> list[Problem]:
     """Columns the built-in rewards read (e.g. ``answer``) must exist in the first row of each local source."""
     need = required_columns(rewards)
     problems = []
-    for split in ("train", "eval"):
-        for i, src in enumerate(getattr(recipe.data, split)):
-            try:
-                resolved = resolve_source(src.source, f"data.{split}[{i}].source")
-                if not resolved.is_local:
-                    continue
-                for _, row in iter_rows(src, resolved, limit=1):
-                    missing = need - set(convert(row, src))
-                    if missing:
-                        problems.append(Problem(f"data.{split}[{i}]", f"{resolved.label} has no column "
-                                                f"{sorted(missing)[0]!r}, which a reward in method.rewards reads",
-                                                "add the column, or set the reward's column: to one it has"))
-            except (DataError, BadRow):
-                continue  # reported by check_data
+    for c in checked:
+        if c.rows and (missing := need - set(c.rows[0][1])):
+            problems.append(Problem(c.key, f"{c.resolved.label} has no column {sorted(missing)[0]!r}, which a reward "
+                                    "in method.rewards reads", "add the column, or set the reward's column: to one "
+                                    "it has"))
     return problems
 
 
 TEMPLATE_CHECK_ROWS = 2000  # conversational rows per source rendered and masked at validate (training checks them all)
 
 
-def template_problems(recipe: Any) -> tuple[list[Problem], list[str]]:
+def template_problems(recipe: Any, checked: list[CheckedSource]) -> tuple[list[Problem], list[str]]:
     """Render and mask the first rows of every conversational source with the run's chat template.
 
     Loads the tokenizer (no weights). A row whose mask cannot be found exactly (a template that
@@ -81,8 +75,8 @@ def template_problems(recipe: Any) -> tuple[list[Problem], list[str]]:
     that does not end with the end-of-turn token) is a problem naming ``model.chat_template``.
     """
     spec = recipe.model
-    conversational = [(split, i, src) for split in ("train", "eval") for i, src in enumerate(getattr(recipe.data, split))
-                      if src.format in ("messages", "sharegpt", "alpaca", "preference", "prompt", "prompt_completion")]
+    conversational = [c for c in checked
+                      if c.source.format in ("messages", "sharegpt", "alpaca", "preference", "prompt", "prompt_completion")]
     if not conversational:
         return [], []
     if not is_tiny_builtin(spec.path) and missing_local_model(spec.path) is not None:
@@ -96,85 +90,102 @@ def template_problems(recipe: Any) -> tuple[list[Problem], list[str]]:
     choice = choice_of(tok)
     notes = [choice.describe()] if choice.text else []
     problems: list[Problem] = []
-    for split, i, src in conversational:
-        try:
-            resolved = resolve_source(src.source, f"data.{split}[{i}].source")
-            if not resolved.is_local:
-                continue
-            for rowno, row in iter_rows(src, resolved, limit=TEMPLATE_CHECK_ROWS):
+    for checked_source in conversational:  # the rows validate already read and converted
+        for rowno, c in checked_source.rows[:TEMPLATE_CHECK_ROWS]:
+            conversations = []
+            if "messages" in c:
+                conversations.append((c["messages"], c.get("tools")))
+            elif isinstance(c.get("prompt"), list) and "chosen" in c:
+                conversations += [(c["prompt"] + c["chosen"], None), (c["prompt"] + c["rejected"], None)]
+            for messages, tools in conversations:
                 try:
-                    c = convert(row, src)
-                except BadRow:
-                    continue  # reported by check_data
-                conversations = []
-                if "messages" in c:
-                    conversations.append((c["messages"], c.get("tools")))
-                elif isinstance(c.get("prompt"), list) and "chosen" in c:
-                    conversations += [(c["prompt"] + c["chosen"], None), (c["prompt"] + c["rejected"], None)]
-                for messages, tools in conversations:
-                    try:
-                        render_with_mask(tok, messages, tools)
-                    except TemplateMismatch as exc:
-                        problems.append(Problem(f"model.chat_template: data.{split}[{i}] {resolved.label} row {rowno}",
-                                                str(exc)))
-                        break
-                if len(problems) >= 5:
-                    return problems + [Problem("model.chat_template", "stopped after 5 rows; registry: "
-                                               + ", ".join(REGISTRY))], notes
-        except (DataError, BadRow):
-            continue
+                    render_with_mask(tok, messages, tools)
+                except TemplateMismatch as exc:
+                    problems.append(Problem(f"model.chat_template: {checked_source.key} "
+                                            f"{checked_source.resolved.label} row {rowno}", str(exc)))
+                    break
+            if len(problems) >= 5:
+                return problems + [Problem("model.chat_template", "stopped after 5 rows; registry: "
+                                           + ", ".join(REGISTRY))], notes
     if choice.end_of_turn and tok.eos_token and choice.end_of_turn != tok.eos_token:
         notes.append(f"the tokenizer's eos token is {tok.eos_token!r} but the chat template ends turns with "
                      f"{choice.end_of_turn!r}: both are stop tokens in the saved generation_config")
     return problems, notes
 
 
-def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[LoadedRecipe, list[str]]:
-    """Fully check a recipe without loading weights; (loaded recipe, notes) or RecipeError."""
-    loaded = load_recipe(path, overrides)  # raises on schema problems, before heavy imports
+@dataclass
+class ResolvedRecipe:
+    """A recipe checked whole without weights: what ``train`` and ``plan`` run from, so nothing is read twice.
 
-    method = method_of(loaded.recipe.method)
-    problems, notes = check_data(loaded.recipe, accepted_formats=method.formats)
-    problems += report_to_problems(loaded.recipe)
+    The recipe file was read once; each local data file once (checked row by row and fingerprinted); the
+    model's config once (when patches needed it).
+    """
 
-    found, distributed_notes = distributed_problems(loaded.recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    loaded: LoadedRecipe
+    method: Method[Any]
+    sources: list[CheckedSource]  # every train/eval source: resolved, checked, fingerprinted, first rows
+    model_config: Any = None  # the model's config, when validate read it (patches), else None
+    missing: list[Problem] = field(default_factory=list)  # model paths that do not exist yet (a chain's later step)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.loaded.recipe
+
+    def fingerprints(self) -> list[dict[str, Any]]:
+        """The data of the run for the lock file: each source as validate read it, then what the patches read."""
+        return [{"split": c.key.split("[")[0].removeprefix("data."), **c.fingerprint} for c in self.sources] + \
+            source_fingerprints(patch_data_sources(self.recipe))
+
+
+def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+             loaded: LoadedRecipe | None = None) -> ResolvedRecipe:
+    """Fully check a recipe without loading weights (``loaded``: the recipe already read); RecipeError otherwise."""
+    loaded = loaded or load_recipe(path, overrides)  # raises on schema problems, before heavy imports
+    recipe = loaded.recipe
+    method = method_of(recipe.method)
+    problems, notes, checked = check_data(recipe, accepted_formats=method.formats)
+    problems += report_to_problems(recipe)
+
+    found, distributed_notes = distributed_problems(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     problems += found
     notes += distributed_notes
 
-    if is_gguf_path(loaded.recipe.model.path):
-        problems += gguf_problems(loaded.recipe.model.path)
-    problems += mla_checkpoint_problems(loaded.recipe)
-    if loaded.recipe.patches:
-        problems += patch_recipe_problems(loaded.recipe)
-    problems += method.check(loaded.recipe)
-    rewards = method.reward_specs(loaded.recipe)
+    if is_gguf_path(recipe.model.path):
+        problems += gguf_problems(recipe.model.path)
+    problems += mla_checkpoint_problems(recipe)
+    if recipe.patches:
+        problems += patch_recipe_problems(recipe)
+    problems += method.check(recipe)
+    rewards = method.reward_specs(recipe)
     if rewards:
         found, reward_notes = reward_problems(rewards)
         problems += found
         notes += reward_notes
-        problems += reward_column_problems(loaded.recipe, rewards)
+        problems += reward_column_problems(checked, rewards)
     # Building the TRL config imports torch and TRL (seconds). Skip it when the answer is already
     # "fix these first", unless method.trl holds keys of its own that only TRL can check.
-    if not problems or method.trl_passthrough(loaded.recipe):
+    if not problems or method.trl_passthrough(recipe):
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        problems += method.trl_problems(loaded.recipe)
-
-        problems += attn_problems(loaded.recipe.model)
+        problems += method.trl_problems(recipe)
+        problems += attn_problems(recipe.model)
     # Reading the model's config imports transformers: like the TRL config, only once the rest is right.
-    if loaded.recipe.patches and not problems:
-        config = load_config(loaded.recipe.model)
+    config = None
+    if recipe.patches and not problems:
+        config = load_config(recipe.model)
         if config is not None:
-            problems += patch_problems(loaded.recipe, config)
-        elif missing_local_model(loaded.recipe.model.path) is None:  # a missing run dir is noted below
-            notes.append(f"patches not checked (offline): the config of {loaded.recipe.model.path} is not cached "
+            problems += patch_problems(recipe, config)
+        elif missing_local_model(recipe.model.path) is None:  # a missing run dir is noted below
+            notes.append(f"patches not checked (offline): the config of {recipe.model.path} is not cached "
                          "here; they are checked again when the model loads")
     if not problems:  # renders rows with the tokenizer: the last and slowest check
-        found, template_notes = template_problems(loaded.recipe)
+        found, template_notes = template_problems(recipe, checked)
         problems += found
         notes += template_notes
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
 
     # a note here (a chain's later recipes validate before the earlier runs exist); train stops on it
-    notes += [str(m) for m in missing_models(loaded.recipe)]
-    return loaded, notes
+    missing = missing_models(recipe)
+    notes += [str(m) for m in missing]
+    return ResolvedRecipe(loaded, method, checked, config, missing, notes)
