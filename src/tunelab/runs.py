@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,30 @@ class RunDir:
             return []
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
         return [p for _, p in sorted(found)]
+
+    @property
+    def staging(self) -> Path:
+        """Where a checkpoint is written before it is published (``publish_checkpoint``)."""
+        return self.root / ".staging"
+
+    def publish_checkpoint(self, staged: Path, keep: int | None) -> Path:
+        """Move a fully written checkpoint from ``staging`` into place, then keep only the newest ``keep``.
+
+        The one way every trainer (transformers' and our PPO trainer) makes a checkpoint appear: a rename
+        on one filesystem is atomic, so a run killed mid-save never leaves a half checkpoint for
+        ``--resume auto`` to pick up. Call it on one process only.
+        """
+        import shutil
+
+        target = self.root / staged.name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if keep:
+            for old in self.checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return target
 
     def last_checkpoint(self) -> Path | None:
         cps = self.checkpoints()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.distributed.config import deepspeed_config, fsdp_config, resolve_precision, zero_stage
 from tunelab.distributed.process_group import cuda_available, deepspeed_needs_gloo
+from tunelab.runs import RunDir
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -85,7 +86,7 @@ def atomic_checkpoints(trainer_cls: type) -> type:
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             real_dir = self._get_output_dir(trial=trial)
-            staging = os.path.join(real_dir, ".staging")
+            staging = str(RunDir(Path(real_dir)).staging)
             original: Any = self._get_output_dir
             self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
             try:
@@ -94,16 +95,8 @@ def atomic_checkpoints(trainer_cls: type) -> type:
                 self._get_output_dir = original  # type: ignore[method-assign]
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                name = f"checkpoint-{self.state.global_step}"
-                target = os.path.join(real_dir, name)
-                if os.path.exists(target):
-                    shutil.rmtree(target)
-                os.replace(os.path.join(staging, name), target)
-                shutil.rmtree(staging, ignore_errors=True)
-                from transformers.trainer_utils import rotate_checkpoints
-
-                rotate_checkpoints(output_dir=real_dir, save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+                run = RunDir(Path(real_dir))
+                run.publish_checkpoint(run.staging / f"checkpoint-{self.state.global_step}", self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
 
     AtomicCheckpointTrainer.__name__ = f"Atomic{trainer_cls.__name__}"

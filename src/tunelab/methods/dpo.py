@@ -27,7 +27,7 @@ from tunelab.data.collate import pad_right
 from tunelab.eval.progress import progress
 from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
 from tunelab.methods.common import atomic_checkpoints
-from tunelab.models.load import load_model
+from tunelab.models.load import frozen_reference
 from tunelab.specs import ModelRef
 
 if TYPE_CHECKING:
@@ -97,22 +97,11 @@ def dpo_trainer_class() -> type:
 
 
 def load_reference(recipe: "Recipe", model: Any) -> Any:
-    """The frozen reference model: ``method.reference``, else a copy of the starting weights (None under PEFT)."""
-    import copy
-
+    """The frozen reference model: ``method.reference``, else a copy of the starting weights (None under PEFT,
+    where TRL disables the adapters, and with precompute_ref_log_probs, where it scores the data once up front)."""
     m = recipe.method
     assert isinstance(m, DPOBlock)
-    if m.reference:
-        spec = recipe.model.model_copy(update={"path": m.reference, "revision": None})
-        ref = load_model(spec, None, full_finetune=True)
-    elif recipe.peft is not None or m.precompute_ref_log_probs:
-        return None  # adapters disabled / scored once before training
-    else:
-        ref = copy.deepcopy(model)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    return frozen_reference(recipe.model, model, m.reference, recipe.peft is None and not m.precompute_ref_log_probs)
 
 
 # ---- evaluation on held-out pairs -------------------------------------------------------------

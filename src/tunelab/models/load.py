@@ -22,6 +22,7 @@ from tunelab.data.templates import TemplateMismatch, apply_choice, choose_templa
 from tunelab.errors import Problem, UserError
 from tunelab.models.builtin import BUILTIN_MODELS, builtin_config, builtin_model, builtin_tokenizer
 from tunelab.models.gguf import gguf_error, is_gguf_path, pretrained_kwargs
+from tunelab.patches.mla.block import mla_attention_problem, mla_causal_only_problem, mla_unquantized_problem
 
 
 def is_tiny_builtin(path: str) -> bool:
@@ -79,8 +80,7 @@ def mla_checkpoint(path: str | Path) -> bool:
 
 
 # what to say of an MLA model named where a method needs a score model
-_SCORE_REF_FIX = {"reward model": ("not a reward model", "use a reward model run"),
-                  "critic": ("which loads as a causal LM only", "use a reward model run or an unconverted model")}
+_SCORE_REF_FIX = {"reward model": "use a reward model run", "critic": "use a reward model run or an unconverted model"}
 
 
 def mla_checkpoint_problems(recipe: Any) -> list[Problem]:
@@ -88,22 +88,20 @@ def mla_checkpoint_problems(recipe: Any) -> list[Problem]:
     problems = []
     path = recipe.model.path
     if mla_checkpoint(path):
-        if recipe.model.attn_implementation not in ("eager", "sdpa"):
-            problems.append(Problem("model.attn_implementation", f"{path} is an MLA model: its attention reads eager "
-                                    f"or sdpa masks, not {recipe.model.attn_implementation}", "use sdpa"))
+        if problem := mla_attention_problem(recipe.model.attn_implementation, f"{path} is an MLA model"):
+            problems.append(problem)
         peft_method = recipe.peft.method if recipe.peft is not None else None
         if recipe.model.quantization is not None or peft_method == "qlora":
-            key = "peft.method" if peft_method == "qlora" else "model.quantization"
-            problems.append(Problem(key, f"{path} is an MLA model, which tunelab loads unquantized",
-                                    "use peft.method: lora (or dora)"))
+            problems.append(mla_unquantized_problem("peft.method" if peft_method == "qlora" else "model.quantization",
+                                                    path))
         if recipe.method.model_head != "causal":
-            problems.append(Problem("model.path", f"{path} is an MLA model, which loads as a causal LM only; "
-                                    f"method {recipe.method.name} needs a sequence classifier",
-                                    "start the reward model from the unconverted model"))
+            problems.append(mla_causal_only_problem("model.path", path, f"; method {recipe.method.name} needs a "
+                                                    "sequence classifier", "start the reward model from the "
+                                                    "unconverted model"))
     for ref in recipe.method.model_refs():
         if ref.head == "score" and mla_checkpoint(ref.path):
-            what, fix = _SCORE_REF_FIX.get(ref.role, ("which loads as a causal LM only", "use an unconverted model"))
-            problems.append(Problem(ref.key, f"{ref.path} is an MLA model, {what}", fix))
+            problems.append(mla_causal_only_problem(ref.key, ref.path, f", not a {ref.role}",
+                                                    _SCORE_REF_FIX.get(ref.role, "use an unconverted model")))
     return problems
 
 
@@ -111,9 +109,8 @@ def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation
     """A causal LM saved after MLA conversion, in ``dtype`` (default: as saved), named by its path (PEFT reads it)."""
     from tunelab.patches.mla.convert import load_mla_model
 
-    if attn_implementation not in ("eager", "sdpa"):
-        raise UserError(Problem("model.attn_implementation", f"{path} is an MLA model: its attention reads eager or "
-                                f"sdpa masks, not {attn_implementation}", "use sdpa"))
+    if problem := mla_attention_problem(attn_implementation, f"{path} is an MLA model"):
+        raise UserError(problem)
     model: Any = load_mla_model(path, attn_implementation=attn_implementation)
     if dtype is not None:
         model = model.to(dtype)
@@ -242,11 +239,10 @@ def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, 
         return load_gguf_model(path, auto, dtype, spec.attn_implementation, quantization, head)
     if mla_checkpoint(path):
         if quantization is not None:
-            raise UserError(Problem("model.quantization", f"{path} is an MLA model, which tunelab loads unquantized",
-                                    "use peft.method: lora (or dora)"))
+            raise UserError(mla_unquantized_problem("model.quantization", path))
         if head != "causal":
-            raise UserError(Problem("model.path", f"{path} is an MLA model, which loads as a causal LM only",
-                                    "start a reward model or critic from the unconverted model"))
+            raise UserError(mla_causal_only_problem("model.path", path, fix="start a reward model or critic from the "
+                                                    "unconverted model"))
         return load_mla_checkpoint(path, dtype, spec.attn_implementation)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                                   trust_remote_code=remote, use_safetensors=True)
@@ -307,6 +303,22 @@ def forget_gguf_quantization(model: Any) -> None:
         for cfg in (model.config, getattr(model, "generation_config", None)):
             if cfg is not None and hasattr(cfg, "quantization_config"):
                 delattr(cfg, "quantization_config")
+
+
+def frozen_reference(spec: Any, model: Any, path: str | None, copy_start: bool) -> Any | None:
+    """The frozen reference model of DPO and PPO: ``path`` loaded like ``spec`` (full precision, no quantization),
+    else a copy of the starting ``model`` when ``copy_start``, else None (PEFT: the base with adapters disabled)."""
+    import copy
+
+    if path:
+        ref = load_model(spec.model_copy(update={"path": path, "revision": None}), None, full_finetune=True)
+    elif copy_start:
+        ref = copy.deepcopy(model)
+    else:
+        return None
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
 
 
 def set_stop_tokens(model: Any, tokenizer: Any) -> list[int]:

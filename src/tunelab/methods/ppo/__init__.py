@@ -23,6 +23,7 @@ from tunelab.errors import Problem
 from tunelab.methods.base import MemoryTerms
 from tunelab.methods.online import OnlineRL, OnlineRLBlock
 from tunelab.models.load import mla_checkpoint
+from tunelab.patches.mla.block import mla_causal_only_problem
 from tunelab.specs import ModelRef, TrainSpec
 
 if TYPE_CHECKING:
@@ -108,9 +109,9 @@ class PPO(OnlineRL[PPOBlock]):
             problems.append(Problem("peft.method", f"PPO supports LoRA-style adapters, not {recipe.peft.method}",
                                     "use lora, dora or qlora"))
         if m.critic == "policy" and mla_checkpoint(recipe.model.path):
-            problems.append(Problem("method.critic", f"the critic would be a score-head copy of {recipe.model.path}, an "
-                                    "MLA model, which loads as a causal LM only", "set method.critic to a reward model "
-                                    "run or an unconverted model"))
+            problems.append(mla_causal_only_problem("method.critic", recipe.model.path, " (the critic would be a "
+                                                    "score-head copy of it)", "set method.critic to a reward model "
+                                                    "run or an unconverted model"))
         return problems
 
     def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:

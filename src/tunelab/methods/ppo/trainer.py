@@ -18,7 +18,6 @@ are written under ``.staging/`` and renamed.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from tunelab.log import say
 from tunelab.methods.online import completion_mask, prompt_text, reward_columns, sample, stop_token_ids
 from tunelab.methods.ppo import core
 from tunelab.models.inference import load_reward_model
-from tunelab.models.load import load_model
+from tunelab.models.load import frozen_reference, load_model
 from tunelab.models.peft import apply_peft, quantization_of
 from tunelab.rewards.compute import build_rewards, score_all
 from tunelab.runs import RunDir
@@ -151,14 +150,8 @@ class PPOTrainer:
         self.peft = recipe.peft is not None
         disable_dropout(model)
         # the reference: adapters off under PEFT, else an explicit model or a frozen copy of the start
-        self.ref: nn.Module | None = None
-        if self.m.reference:
-            spec = recipe.model.model_copy(update={"path": self.m.reference, "revision": None})
-            self.ref = load_model(spec, None, full_finetune=True)
-        elif not self.peft:
-            self.ref = copy.deepcopy(model)
+        self.ref: nn.Module | None = frozen_reference(recipe.model, model, self.m.reference, not self.peft)
         if self.ref is not None:
-            self.ref.eval().requires_grad_(False)
             self.ref.to(self.accelerator.device)
         critic = ValueModel(build_critic(recipe, tokenizer))
         disable_dropout(critic)
@@ -386,8 +379,7 @@ class PPOTrainer:
         from safetensors.torch import save_file
 
         run = RunDir(Path(self.t.output_dir))
-        name = f"checkpoint-{self.state.global_step}"
-        staging = run.root / ".staging" / name
+        staging = run.staging / f"checkpoint-{self.state.global_step}"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
@@ -406,14 +398,7 @@ class PPOTrainer:
             (staging / "trainer_state.json").write_text(json.dumps(
                 {"global_step": self.state.global_step, "kl_coef": self.kl.value, "total_steps": self.total_steps,
                  "deepspeed": self.deepspeed, "world_size": self.accelerator.num_processes}))
-            target = run.root / name
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-            shutil.rmtree(run.root / ".staging", ignore_errors=True)
-            keep = self.t.save_total_limit
-            if keep:
-                for old in run.checkpoints()[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+            run.publish_checkpoint(staging, self.t.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:

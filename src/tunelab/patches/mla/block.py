@@ -23,7 +23,7 @@ from tunelab.specs import Strict
 # the model types MLA conversion handles (convert reads them from here: this module has no torch)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 CALIBRATION_FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_completion")
-EAGER_OR_SDPA = ("eager", "sdpa")
+MLA_ATTENTION = ("eager", "sdpa")  # the attention backends MLA runs on: its attention reads their masks
 
 
 class MlaPatch(Strict):
@@ -71,6 +71,27 @@ class MlaPatch(Strict):
                              "calibration_data (e.g. builtin:quickstart/text, a .jsonl file or a hub dataset id), "
                              "or use partial_rope: high")
         return v
+
+
+# ---- what an MLA model supports (one place for the rules: the patch, loading, validate) -------------
+
+
+def mla_attention_problem(impl: str, subject: str) -> Problem | None:
+    """None when MLA attention runs on ``impl``; else the problem of ``subject`` (an MLA model, the mla patch)."""
+    if impl in MLA_ATTENTION:
+        return None
+    return Problem("model.attn_implementation", f"{subject}: its attention reads eager or sdpa masks, not {impl}",
+                   "use sdpa")
+
+
+def mla_unquantized_problem(key: str, path: str) -> Problem:
+    """An MLA model loads unquantized (its latent projections are not bitsandbytes layers)."""
+    return Problem(key, f"{path} is an MLA model, which tunelab loads unquantized", "use peft.method: lora (or dora)")
+
+
+def mla_causal_only_problem(key: str, path: str, why: str = "", fix: str = "use an unconverted model") -> Problem:
+    """An MLA model loads as a causal LM: never as a reward model, a critic or another score head."""
+    return Problem(key, f"{path} is an MLA model, which loads as a causal LM only{why}", fix)
 
 
 # ---- checks (no weights) -------------------------------------------------------------------------
@@ -121,10 +142,8 @@ def mla_config_problems(spec: MlaPatch, config: Any, key: Keys, model: str = "mo
 def mla_recipe_problems(spec: MlaPatch, recipe: Any, where: str) -> list[Problem]:
     """Checks of an mla block against the rest of the recipe (attention backend, quantization, method)."""
     problems = []
-    impl = recipe.model.attn_implementation
-    if impl not in EAGER_OR_SDPA:
-        problems.append(Problem("model.attn_implementation", f"{impl} cannot run the MLA attention of {where}: it "
-                                "reads eager or sdpa attention masks", "use sdpa"))
+    if problem := mla_attention_problem(recipe.model.attn_implementation, f"the MLA attention of {where}"):
+        problems.append(problem)
     peft_method = recipe.peft.method if recipe.peft is not None else None
     if recipe.model.quantization is not None or peft_method == "qlora":
         what = "peft.method: qlora" if peft_method == "qlora" else "model.quantization"

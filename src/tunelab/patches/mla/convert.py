@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from tunelab.patches.mla.attention import MLAAttention, MLACache
-from tunelab.patches.mla.block import SUPPORTED_MODEL_TYPES, Keys, MlaPatch
+from tunelab.patches.mla.block import MLA_ATTENTION, SUPPORTED_MODEL_TYPES, Keys, MlaPatch
 from tunelab.patches.mla.block import head_dim as _head_dim
 from tunelab.patches.mla.calibration import calibration_token_ids
 
@@ -102,7 +102,7 @@ def _check_arguments(
         )
     if getattr(config, "mla", None):
         raise ValueError("this model is already converted to MLA (config.mla is set)")
-    if config._attn_implementation not in ("eager", "sdpa"):
+    if config._attn_implementation not in MLA_ATTENTION:
         raise ValueError(
             f"MLA attention reads eager or sdpa attention masks; the model uses "
             f"{config._attn_implementation!r}: load it with attn_implementation='sdpa'"
