@@ -19,7 +19,7 @@ same weights with the adapters disabled under PEFT (no second copy), or ``refere
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -139,7 +139,7 @@ class DPO(TRLMethod[DPOBlock]):
 
     name = "dpo"
     config = DPOBlock
-    formats = ("preference",)
+    formats: ClassVar[tuple[str, ...]] = ("preference",)
     eval_before = True  # the margin needs the starting model's log-probs
 
     def trl_config_class(self) -> type:

@@ -8,7 +8,7 @@ the trained one, and the mean training reward of the first and last 10% of steps
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -113,7 +113,7 @@ OB = TypeVar("OB", bound="OnlineRLBlock")
 class OnlineRL(Method[OB]):
     """What grpo and ppo share: prompt-only data, rewards, and a held-out report against the starting policy."""
 
-    formats = ("prompt",)
+    formats: ClassVar[tuple[str, ...]] = ("prompt",)
     eval_before = True  # the report compares the trained policy with the starting one
 
     def reward_specs(self, recipe: "Recipe") -> list[Any]:

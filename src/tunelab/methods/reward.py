@@ -13,7 +13,7 @@ with m the pair's ``margin`` when the data has one (Llama 2, Touvron et al. 2023
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -49,7 +49,7 @@ class Reward(TRLMethod[RewardBlock]):
 
     name = "reward"
     config = RewardBlock
-    formats = ("preference",)
+    formats: ClassVar[tuple[str, ...]] = ("preference",)
 
     def trl_config_class(self) -> type:
         from trl import RewardConfig

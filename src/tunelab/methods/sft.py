@@ -15,7 +15,7 @@ head over every position: same loss, gradients and metrics, less compute and mem
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from pydantic import Field
 
@@ -128,7 +128,7 @@ class SFT(TRLMethod[SFTBlock]):
 
     name = "sft"
     config = SFTBlock
-    formats = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+    formats: ClassVar[tuple[str, ...]] = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
     eval_before = False  # only with train.eval_before_train
 
     def trl_config_class(self) -> type:
