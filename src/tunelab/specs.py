@@ -267,3 +267,9 @@ class MethodBlock(Strict):
         """The other models this block names, to check that they exist and load the way they must."""
         return []
 
+
+class PatchBlock(Strict):
+    """Base of every patch's recipe block (an entry of ``patches:``); what a patch does is its ``patches.base.Patch``."""
+
+    name: str = Field(description="the patch: a PATCHES key")
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.pipeline import build_datasets
 from tunelab.data.templates import choice_of
@@ -27,6 +27,10 @@ from tunelab.recipe.lock import read_lock_provenance, write_lock
 from tunelab.recipe.schema import Recipe
 from tunelab.recipe.validate import ResolvedRecipe, validate
 from tunelab.runs import RunDir, loss_summary, metrics_callback, model_card, plot_metrics
+
+if TYPE_CHECKING:
+    from tunelab.specs import QuantizationSpec
+
 
 
 def _cuda() -> bool:
@@ -165,7 +169,7 @@ def prepare_model(resolved: ResolvedRecipe, run: RunDir, tokenizer: Any) -> Any:
     return model
 
 
-def save_builtin_base(model: Any, quantization: Any, resolved: ResolvedRecipe, tokenizer: Any, base_dir: Path) -> None:
+def save_builtin_base(model: Any, quantization: "QuantizationSpec | None", resolved: ResolvedRecipe, tokenizer: Any, base_dir: Path) -> None:
     """Save the base an adapter on a built-in model records: the loaded model itself when it is full-precision and
     unquantized (its patches are then applied once), else a fresh copy patched the same way."""
     import torch

@@ -26,7 +26,11 @@ row number and either stops or counts and skips it (``data.on_bad_row``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunelab.specs import DataSource
+
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_FIELDS = {"messages": "conversations", "role": "from", "content": "value"}
@@ -81,7 +85,7 @@ def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
     return out
 
 
-def _messages(value: Any, src: Any, fmt: str) -> list[dict[str, Any]]:
+def _messages(value: Any, src: "DataSource", fmt: str) -> list[dict[str, Any]]:
     """Messages as the chat templates read them: role, content, and only the optional keys a message has.
 
     Optional keys: ``reasoning_content`` (also read from ``reasoning`` / ``thinking``), ``tool_calls``
@@ -153,7 +157,7 @@ def _tools(row: dict[str, Any], fm: dict[str, str]) -> list[dict[str, Any]] | No
     return tools
 
 
-def to_canonical(row: Any, src: Any) -> dict[str, Any]:
+def to_canonical(row: Any, src: "DataSource") -> dict[str, Any]:
     """Convert one row of ``src.format`` into a canonical SFT row; raise BadRow if it cannot."""
     if not isinstance(row, dict):
         raise BadRow(f"a row must be a mapping, got {type(row).__name__}")
@@ -204,7 +208,7 @@ def to_canonical(row: Any, src: Any) -> dict[str, Any]:
     raise BadRow(f"unknown format {fmt!r}")  # the schema rules this out
 
 
-def _response(value: Any, src: Any, side: str) -> list[dict[str, str]]:
+def _response(value: Any, src: "DataSource", side: str) -> list[dict[str, str]]:
     """One side of a pair as assistant messages (a string is one assistant message)."""
     if isinstance(value, str):
         value = [{"role": "assistant", "content": value}]
@@ -216,7 +220,7 @@ def _response(value: Any, src: Any, side: str) -> list[dict[str, str]]:
     return msgs
 
 
-def to_preference(row: Any, src: Any) -> dict[str, Any]:
+def to_preference(row: Any, src: "DataSource") -> dict[str, Any]:
     """Convert one row into a canonical preference pair; raise BadRow if it cannot."""
     if not isinstance(row, dict):
         raise BadRow(f"a row must be a mapping, got {type(row).__name__}")
@@ -271,7 +275,7 @@ def to_preference(row: Any, src: Any) -> dict[str, Any]:
     return out
 
 
-def to_prompt(row: Any, src: Any) -> dict[str, Any]:
+def to_prompt(row: Any, src: "DataSource") -> dict[str, Any]:
     """Convert one row into a canonical prompt-only row (prompt messages + extra columns)."""
     if not isinstance(row, dict):
         raise BadRow(f"a row must be a mapping, got {type(row).__name__}")
@@ -295,7 +299,7 @@ def to_prompt(row: Any, src: Any) -> dict[str, Any]:
     return {"prompt": msgs, **extras}
 
 
-def convert(row: Any, src: Any) -> dict[str, Any]:
+def convert(row: Any, src: "DataSource") -> dict[str, Any]:
     """The canonical row of ``src.format``: a preference pair, a prompt-only row or an SFT row."""
     if src.format == "preference":
         return to_preference(row, src)

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
 from tunelab.data.sources import Resolved, Sha256Reader, fingerprint, iter_rows, resolve_source
 from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 from tunelab.errors import DataError, Problem
 from tunelab.specs import DataSource
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+    from tunelab.specs import DataSpec
+
 
 
 @dataclass
@@ -68,13 +73,13 @@ class DataReport:
         return asdict(self)
 
 
-def _overflow(where: str, n: int, data_spec: Any) -> None:
+def _overflow(where: str, n: int, data_spec: "DataSpec") -> None:
     if data_spec.on_overflow == "error":
         raise DataError(Problem(where, f"{n} tokens, more than data.max_length={data_spec.max_length}",
                                 "raise data.max_length, or set data.on_overflow: truncate or drop"))
 
 
-def _encode_sft(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: Any,
+def _encode_sft(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: "DataSpec",
                 report: SourceReport) -> dict[str, Any] | None:
     max_len = data_spec.max_length
     ids, labels = encode_row(tokenizer, canonical, data_spec.train_on_prompt)
@@ -94,7 +99,7 @@ def _encode_sft(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec
     return {"input_ids": ids, "labels": labels}
 
 
-def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: Any,
+def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: "DataSpec",
                        report: SourceReport) -> dict[str, Any] | None:
     max_len = data_spec.max_length
     p, c, r = encode_pair(tokenizer, canonical)
@@ -118,7 +123,7 @@ def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, da
     return out
 
 
-def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: Any,
+def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: "DataSpec",
                    report: SourceReport) -> dict[str, Any] | None:
     ids = encode_prompt(tokenizer, canonical["prompt"])
     report.max_tokens = max(report.max_tokens, len(ids))
@@ -130,7 +135,7 @@ def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_s
     return {**canonical, "prompt_ids": ids}
 
 
-def encode_source(src: Any, key: str, tokenizer: Any, data_spec: Any) -> tuple[list[dict[str, Any]], SourceReport]:
+def encode_source(src: "DataSource", key: str, tokenizer: Any, data_spec: "DataSpec") -> tuple[list[dict[str, Any]], SourceReport]:
     """Read, convert and tokenize one source, applying the overflow and bad-row rules."""
     resolved = resolve_source(src.source, key)
     report = SourceReport(source=resolved.label)
@@ -197,7 +202,7 @@ def mix(parts: list[list[dict[str, Any]]], sources: list[Any], seed: int) -> lis
     return out
 
 
-def build_datasets(recipe: Any, tokenizer: Any) -> tuple[Any, Any, DataReport]:
+def build_datasets(recipe: "Recipe", tokenizer: Any) -> tuple[Any, Any, DataReport]:
     """(train Dataset, eval Dataset or None, report): SFT columns input_ids + labels, or the pair columns."""
     from datasets import Dataset
 
@@ -265,7 +270,7 @@ class CheckedSource:
     rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (row number, canonical row), local only
 
 
-def check_data(recipe: Any, first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None,
+def check_data(recipe: "Recipe", first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None,
                ) -> tuple[list[Problem], list[str], list[CheckedSource]]:
     """Resolve every source and convert its rows; (problems, notes, checked sources). No model, no tokenizer.
 

@@ -14,9 +14,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tunelab.errors import DataError, Problem
+
+if TYPE_CHECKING:
+    from tunelab.specs import DataSource
+
 
 BUILTIN_DATA = Path(__file__).parent / "builtin"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -160,7 +164,7 @@ def iter_local(path: Path, limit: int | None = None, reader: Sha256Reader | None
             source.fh.close()
 
 
-def iter_hub(src: Any, resolved: Resolved, limit: int | None = None) -> Iterator[tuple[int, Any]]:
+def iter_hub(src: "DataSource", resolved: Resolved, limit: int | None = None) -> Iterator[tuple[int, Any]]:
     """Rows of a hub dataset (name, config, split, revision); row numbers are 1-based indices."""
     import datasets
 
@@ -178,7 +182,7 @@ def iter_hub(src: Any, resolved: Resolved, limit: int | None = None) -> Iterator
             return
 
 
-def iter_rows(src: Any, resolved: Resolved, limit: int | None = None,
+def iter_rows(src: "DataSource", resolved: Resolved, limit: int | None = None,
               reader: Sha256Reader | None = None) -> Iterator[tuple[int, Any]]:
     """(row number, row) of a source, local (through ``reader`` when given) or on the hub."""
     if resolved.is_local:
@@ -187,7 +191,7 @@ def iter_rows(src: Any, resolved: Resolved, limit: int | None = None,
     return iter_hub(src, resolved, limit)
 
 
-def fingerprint(src: Any, resolved: Resolved, digest: tuple[str, int] | None = None) -> dict[str, Any]:
+def fingerprint(src: "DataSource", resolved: Resolved, digest: tuple[str, int] | None = None) -> dict[str, Any]:
     """What identifies the data a run saw: sha256 of a local file, or the hub id and revision.
 
     ``digest`` is (sha256, size) when the file was already read (``Sha256Reader.finish``).

@@ -16,13 +16,18 @@ import importlib.util
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template, end_of_turn_ids
 from tunelab.errors import Problem, UserError
 from tunelab.models.builtin import BUILTIN_MODELS, builtin_config, builtin_model, builtin_tokenizer
 from tunelab.models.gguf import gguf_error, is_gguf_path, pretrained_kwargs
 from tunelab.patches.mla.block import mla_attention_problem, mla_causal_only_problem, mla_unquantized_problem
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+    from tunelab.specs import ModelSpec, QuantizationSpec
+
 
 
 def is_tiny_builtin(path: str) -> bool:
@@ -32,7 +37,7 @@ def is_tiny_builtin(path: str) -> bool:
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def attn_problems(spec: Any) -> list[Problem]:
+def attn_problems(spec: "ModelSpec") -> list[Problem]:
     """Check the attention implementation can run here (before any weights load)."""
     if spec.attn_implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
@@ -61,7 +66,7 @@ def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
     return Problem(key, f"{path} does not exist", hint)
 
 
-def missing_models(recipe: Any) -> list[Problem]:
+def missing_models(recipe: "Recipe") -> list[Problem]:
     """Model paths of a recipe (the model and the ones its method names) that can only be local directories
     and do not exist."""
     paths = [("model.path", recipe.model.path)] + [(ref.key, ref.path) for ref in recipe.method.model_refs()]
@@ -83,7 +88,7 @@ def mla_checkpoint(path: str | Path) -> bool:
 _SCORE_REF_FIX = {"reward model": "use a reward model run", "critic": "use a reward model run or an unconverted model"}
 
 
-def mla_checkpoint_problems(recipe: Any) -> list[Problem]:
+def mla_checkpoint_problems(recipe: "Recipe") -> list[Problem]:
     """A recipe whose models are MLA-converted directories must load them the ways MLA supports (no weights read)."""
     problems = []
     path = recipe.model.path
@@ -120,7 +125,7 @@ def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation
     return model
 
 
-def load_config(spec: Any) -> Any | None:
+def load_config(spec: "ModelSpec") -> Any | None:
     """The model's config without its weights (builtin, local dir, or a hub id in the local cache); None if unknown."""
     if is_tiny_builtin(spec.path):
         return builtin_config(spec.path[len("builtin:") :])
@@ -134,7 +139,7 @@ def load_config(spec: Any) -> Any | None:
         return None  # not trained yet (a chain), or a hub id offline: noted elsewhere
 
 
-def resolve_dtype(spec: Any, full_finetune: bool) -> Any:
+def resolve_dtype(spec: "ModelSpec", full_finetune: bool) -> Any:
     """auto: bf16 weights on a bf16 GPU for PEFT (fp32 master weights for full fine-tuning), fp32 on CPU."""
     import torch
 
@@ -145,7 +150,7 @@ def resolve_dtype(spec: Any, full_finetune: bool) -> Any:
     return torch.float32
 
 
-def load_tokenizer(spec: Any) -> Any:
+def load_tokenizer(spec: "ModelSpec") -> Any:
     """The tokenizer, with a pad token (see ``ensure_pad_token``) and the run's chat template applied.
 
     The template is ``model.chat_template`` resolved by ``tunelab.data.templates.choose_template``;
@@ -197,7 +202,7 @@ def ensure_pad_token(tok: Any) -> Any:
     return tok
 
 
-def bnb_config(q: Any) -> Any:
+def bnb_config(q: "QuantizationSpec") -> Any:
     """A BitsAndBytesConfig from a recipe quantization block."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -214,7 +219,7 @@ def bnb_config(q: Any) -> Any:
     )
 
 
-def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, head: str = "causal") -> Any:
+def load_model(spec: "ModelSpec", quantization: "QuantizationSpec | None" = None, full_finetune: bool = True, head: str = "causal") -> Any:
     """The causal LM of ``spec`` (quantized when a quantization block is given).
 
     ``head="score"`` loads the same checkpoint as a one-output sequence classifier (a reward
@@ -259,7 +264,7 @@ def load_model(spec: Any, quantization: Any = None, full_finetune: bool = True, 
                                 "check the hub id or directory; only safetensors weights are loaded")) from None
 
 
-def load_gguf_model(path: str, auto: Any, dtype: Any, attn_implementation: str = "sdpa", quantization: Any = None,
+def load_gguf_model(path: str, auto: Any, dtype: Any, attn_implementation: str = "sdpa", quantization: "QuantizationSpec | None" = None,
                     head: str = "causal", key: str = "model.path") -> Any:
     """A model from a GGUF file, dequantized to ``dtype``; named by ``path`` so an adapter records it as its base.
 
@@ -305,7 +310,7 @@ def forget_gguf_quantization(model: Any) -> None:
                 delattr(cfg, "quantization_config")
 
 
-def frozen_reference(spec: Any, model: Any, path: str | None, copy_start: bool) -> Any | None:
+def frozen_reference(spec: "ModelSpec", model: Any, path: str | None, copy_start: bool) -> Any | None:
     """The frozen reference model of DPO and PPO: ``path`` loaded like ``spec`` (full precision, no quantization),
     else a copy of the starting ``model`` when ``copy_start``, else None (PEFT: the base with adapters disabled)."""
     import copy

@@ -8,12 +8,16 @@ on a 4-bit NF4 base.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunelab.specs import QuantizationSpec
+from tunelab.specs import LoraSpec, PrefixSpec, PromptSpec, QuantizationSpec
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
 
 
-def quantization_of(recipe: Any) -> Any:
+
+def quantization_of(recipe: "Recipe") -> Any:
     """The quantization block that applies: ``peft`` (qlora, default 4-bit nf4) or ``model``."""
     p = recipe.peft
     if p is not None and p.method == "qlora":
@@ -21,7 +25,7 @@ def quantization_of(recipe: Any) -> Any:
     return recipe.model.quantization
 
 
-def peft_config(spec: Any, head: str = "causal") -> Any:
+def peft_config(spec: "LoraSpec | PrefixSpec | PromptSpec", head: str = "causal") -> Any:
     """The peft library config for a recipe ``peft`` block.
 
     For a reward model (``head="score"``) the task is sequence classification, so PEFT also
@@ -30,11 +34,11 @@ def peft_config(spec: Any, head: str = "causal") -> Any:
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     task = TaskType.SEQ_CLS if head == "score" else TaskType.CAUSAL_LM
-    if spec.method in ("lora", "dora", "qlora"):
+    if isinstance(spec, LoraSpec):
         return LoraConfig(
             task_type=task,
             r=spec.r,
-            lora_alpha=spec.alpha,
+            lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha scales as well
             lora_dropout=spec.dropout,
             target_modules=spec.target_modules,
             use_rslora=spec.use_rslora,
@@ -42,13 +46,13 @@ def peft_config(spec: Any, head: str = "causal") -> Any:
             bias=spec.bias,
             modules_to_save=spec.modules_to_save,
         )
-    if spec.method == "prefix":
+    if isinstance(spec, PrefixSpec):
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=spec.num_virtual_tokens,
                                   prefix_projection=spec.prefix_projection)
     return PromptTuningConfig(task_type=task, num_virtual_tokens=spec.num_virtual_tokens)
 
 
-def apply_peft(model: Any, spec: Any, tokenizer: Any, gradient_checkpointing: bool = False,
+def apply_peft(model: Any, spec: "LoraSpec | PrefixSpec | PromptSpec", tokenizer: Any, gradient_checkpointing: bool = False,
                head: str = "causal") -> Any:
     """Wrap ``model`` in a PeftModel; only the adapter's parameters stay trainable."""
     import torch
@@ -70,6 +74,6 @@ def apply_peft(model: Any, spec: Any, tokenizer: Any, gradient_checkpointing: bo
     return model
 
 
-def uses_virtual_tokens(spec: Any) -> bool:
+def uses_virtual_tokens(spec: "LoraSpec | PrefixSpec | PromptSpec") -> bool:
     """Prefix/prompt tuning prepend virtual tokens, which packed position ids cannot express."""
     return spec is not None and spec.method in ("prefix", "prompt")

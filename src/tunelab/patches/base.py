@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from tunelab.errors import Problem
-from tunelab.specs import Strict
+from tunelab.specs import PatchBlock
 
 
 class Patch:
     """One model patch: its recipe block, its checks, how it is applied and the data it reads."""
 
     name: ClassVar[str]  # the recipe's patches[].name, the PATCHES key
-    config: ClassVar[type[Strict]]  # the recipe block
+    config: ClassVar[type[PatchBlock]]  # the recipe block
     unique: ClassVar[bool] = False  # at most one per recipe (a model is converted once)
 
     def check(self, spec: Any, recipe: Any, where: str) -> list[Problem]:

@@ -44,7 +44,7 @@ from pydantic import Field, model_validator
 
 from tunelab.errors import Problem
 from tunelab.patches.base import Patch
-from tunelab.specs import Strict
+from tunelab.specs import PatchBlock
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ RopeMethod = Literal["linear", "ntk", "dynamic_ntk", "ntk_by_parts", "yarn"]
 RAMP_METHODS = ("ntk_by_parts", "yarn")
 
 
-class RopePatch(Strict):
+class RopePatch(PatchBlock):
     """Extend the context of a RoPE model by a factor (or to a target length)."""
 
     name: Literal["rope"] = Field(description="rope: extend the context of a RoPE model")

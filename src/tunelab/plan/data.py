@@ -8,12 +8,17 @@ shown is what training uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.formats import BadRow, convert
 from tunelab.data.pipeline import encode_source
 from tunelab.data.sources import iter_rows, resolve_source
 from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+    from tunelab.specs import DataSource
+
 
 
 @dataclass
@@ -45,7 +50,7 @@ def _row_length(example: dict[str, Any]) -> int:
     return len(example["prompt_ids"])
 
 
-def offline_hub_source(src: Any, key: str) -> bool:
+def offline_hub_source(src: "DataSource", key: str) -> bool:
     """A hub dataset on a machine told to stay offline: not read (as ``validate`` does)."""
     import os
 
@@ -53,36 +58,33 @@ def offline_hub_source(src: Any, key: str) -> bool:
     return offline and not resolve_source(src.source, key).is_local
 
 
-def length_histograms(recipe: Any, tokenizer: Any) -> list[LengthHistogram]:
+def length_histograms(recipe: "Recipe", tokenizer: Any) -> list[LengthHistogram]:
     """Tokenize every training source with the pipeline twice: unbounded (every row's length) and under
     the recipe's ``max_length`` / ``on_overflow`` (the truncated and dropped counts training will report).
     Hub datasets are skipped when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set."""
-    from types import SimpleNamespace
-
     d = recipe.data
     out = []
     for i, src in enumerate(d.train):
         key = f"data.train[{i}].source"
         if offline_hub_source(src, key):
             continue
-        unbounded = SimpleNamespace(**{**d.model_dump(), "max_length": 1 << 40, "on_overflow": "truncate",
-                                       "train_on_prompt": True})
+        # model_copy does not validate: max_length may exceed what a recipe may set
+        unbounded = d.model_copy(update={"max_length": 1 << 40, "on_overflow": "truncate", "train_on_prompt": True})
         rows, _ = encode_source(src, key, tokenizer, unbounded)
-        rules = SimpleNamespace(**{**d.model_dump(), "on_overflow": "drop" if d.on_overflow == "error"
-                                   else d.on_overflow})
+        rules = d.model_copy(update={"on_overflow": "drop" if d.on_overflow == "error" else d.on_overflow})
         _, report = encode_source(src, key, tokenizer, rules)
         out.append(LengthHistogram(report.source, [_row_length(r) for r in rows], d.max_length, d.on_overflow,
                                    report))
     return out
 
 
-def render_first_example(recipe: Any, tokenizer: Any, color: bool = False) -> tuple[str, str]:
+def render_first_example(recipe: "Recipe", tokenizer: Any, color: bool = False) -> tuple[str, str]:
     """(source label, the first training row rendered by the chat template with the loss mask shown)."""
     blocks = render_examples(recipe, tokenizer, color)
     return blocks[0] if blocks else (recipe.data.train[0].source, "(no convertible row)")
 
 
-def render_examples(recipe: Any, tokenizer: Any, color: bool = False) -> list[tuple[str, str]]:
+def render_examples(recipe: "Recipe", tokenizer: Any, color: bool = False) -> list[tuple[str, str]]:
     """(heading, rendering) of each train source's first example through the chat template, loss tokens marked.
 
     Tokens that get loss are shown inside ``[[ ]]`` (green when ``color``); the mask comes from the

@@ -70,12 +70,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import Problem, UserError
 from tunelab.methods import method_of
 from tunelab.models.load import load_config
 from tunelab.models.peft import quantization_of
+from tunelab.specs import LoraSpec, PrefixSpec, PromptSpec
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+
 
 GIB = 2**30
 FIT_FRACTION = 0.9  # of the GPU's memory: room for the CUDA context, fragmentation, transient buffers
@@ -147,18 +152,18 @@ def lora_targets(shape: ModelShape, target_modules: Any) -> list[tuple[str, int,
     return [t for t in shape.linears if any(t[0] == k or t[0].endswith("." + k) for k in keys)]
 
 
-def adapter_params(shape: ModelShape, peft: Any) -> int:
+def adapter_params(shape: ModelShape, peft: "LoraSpec | PrefixSpec | PromptSpec | None") -> int:
     """Trainable parameters a ``peft:`` block adds, counted from shapes: LoRA r(in + out) per target
     (+ out for DoRA's magnitude); prefix: 2 x kv width per layer per virtual token; prompt: h per token."""
     if peft is None:
         return 0
-    if peft.method in ("lora", "dora", "qlora"):
+    if isinstance(peft, LoraSpec):
         targets = lora_targets(shape, peft.target_modules)
         n = sum(peft.r * (i + o) + (o if peft.method == "dora" else 0) for _, i, o in targets)
         if peft.bias != "none":
             n += sum(o for _, _, o in targets)
         return n
-    if peft.method == "prefix":
+    if isinstance(peft, PrefixSpec):
         return peft.num_virtual_tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim
     return peft.num_virtual_tokens * shape.hidden
 
@@ -227,7 +232,7 @@ def precision(train: Any, gpu: bool = True) -> str:
 
 
 def activation_bytes_per_token(shape: ModelShape, wbytes: int, act: int, checkpointing: bool, logits: bool = True,
-                               peft: Any = None) -> tuple[float, float]:
+                               peft: "LoraSpec | PrefixSpec | PromptSpec | None" = None) -> tuple[float, float]:
     """(bytes per token held through the backward pass, bytes per token of the one layer recomputed at a time).
 
     The formula and where it comes from are in the module docstring. ``wbytes``: the weights' (and
@@ -237,13 +242,12 @@ def activation_bytes_per_token(shape: ModelShape, wbytes: int, act: int, checkpo
     q, kv = hh * shape.head_dim, shape.kv_heads * shape.head_dim
     full = peft is None
     targets: set[str] = set()
-    r = 0
-    if peft is not None and peft.method in ("lora", "dora", "qlora"):
+    r = per_layer_targets = 0
+    if isinstance(peft, LoraSpec):
         r = peft.r
         targets = {name.rsplit(".", 1)[-1] for name, _, _ in lora_targets(shape, peft.target_modules)
                    if ".layers." in name}
-    per_layer_targets = sum(1 for name, _, _ in lora_targets(shape, peft.target_modules)
-                            if ".layers.0." in name) if r else 0
+        per_layer_targets = sum(1 for name, _, _ in lora_targets(shape, peft.target_modules) if ".layers.0." in name)
 
     def saves_input(*names: str) -> bool:  # a linear keeps its input when its weight or its LoRA A trains
         return full or any(n in targets for n in names)
@@ -268,7 +272,7 @@ def activation_bytes_per_token(shape: ModelShape, wbytes: int, act: int, checkpo
     return outside + shape.layers * layer, 0.0
 
 
-def weight_cast_bytes(shape: ModelShape, wbytes: int, act: int, peft: Any, checkpointing: bool) -> tuple[float, float]:
+def weight_cast_bytes(shape: ModelShape, wbytes: int, act: int, peft: "LoraSpec | PrefixSpec | PromptSpec | None", checkpointing: bool) -> tuple[float, float]:
     """(held, recomputed) bytes of autocast's 16-bit copies of fp32 linear weights, kept for backward.
 
     Under autocast with fp32 weights every linear multiplies with a bf16/fp16 copy of its weight
@@ -296,7 +300,7 @@ def _optim_state_bytes(optim: str, trainable_dtype_bytes: int, deepspeed: bool) 
     return 2 * per_state + master
 
 
-def model_component(name: str, shape: ModelShape, wbytes: int, peft: Any, quant: Any, trainable: bool,
+def model_component(name: str, shape: ModelShape, wbytes: int, peft: "LoraSpec | PrefixSpec | PromptSpec | None", quant: Any, trainable: bool,
                     optim: str, deepspeed: bool, tokens: float, act: int, ckpt: bool,
                     logits: bool = True, abytes: int = 4) -> tuple[Component, float]:
     """One model's weights, gradients, optimizer states and activations; (component, recompute peak).
@@ -370,7 +374,7 @@ def parse_memory(text: str) -> float:
     return float(m.group(1)) * scale
 
 
-def estimate(recipe: Any, gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: int | None = None,
+def estimate(recipe: "Recipe", gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: int | None = None,
              gpu: bool = True, config: Any = None) -> Plan:
     """The per-GPU memory of every strategy for ``recipe`` and the cheapest that fits (no weights loaded)."""
     config = config if config is not None else load_config(recipe.model)

@@ -12,9 +12,13 @@ import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from tunelab.recipe.load import LoadedRecipe
+
 
 LIBRARIES = ("tunelab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
              "bitsandbytes", "deepspeed")
@@ -42,7 +46,7 @@ def git_sha(where: Path) -> str | None:
         return None
 
 
-def lock_document(loaded: Any, data_fingerprints: list[dict[str, Any]],
+def lock_document(loaded: "LoadedRecipe", data_fingerprints: list[dict[str, Any]],
                   chat_template: dict[str, Any] | None = None) -> dict[str, Any]:
     doc = loaded.recipe.model_dump(mode="json")
     doc["tunelab_lock"] = {
@@ -59,7 +63,7 @@ def lock_document(loaded: Any, data_fingerprints: list[dict[str, Any]],
     return doc
 
 
-def write_lock(path: Path, loaded: Any, data_fingerprints: list[dict[str, Any]],
+def write_lock(path: Path, loaded: "LoadedRecipe", data_fingerprints: list[dict[str, Any]],
                chat_template: dict[str, Any] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# Resolved by tunelab; `tunelab train` this file to reproduce the run.\n"

@@ -27,6 +27,7 @@ from tunelab.specs import (
     LoraSpec,
     MethodBlock,
     ModelSpec,
+    PatchBlock,
     PeftSpec,
     PrefixSpec,
     PromptSpec,
@@ -89,7 +90,7 @@ class RecipeModelSpec(ModelSpec):
 
 if TYPE_CHECKING:  # what a type checker sees: a block of some method, of some patch
     MethodSpec = MethodBlock
-    PatchSpec = Strict
+    PatchSpec = PatchBlock
 else:  # what pydantic validates: the discriminated unions over the registries
     MethodSpec = registry_union({name: m.config for name, m in METHODS.items()}, "name", "method")
     PatchSpec = registry_union({name: p.config for name, p in PATCHES.items()}, "name", "patch")

@@ -43,7 +43,7 @@ from tunelab.recipe.schema import Recipe
 from tunelab.rewards import required_columns, reward_problems
 
 
-def report_to_problems(recipe: Any) -> list[Problem]:
+def report_to_problems(recipe: "Recipe") -> list[Problem]:
     """Experiment trackers other than TensorBoard are used only when installed."""
     import importlib.util
 
@@ -67,7 +67,7 @@ def reward_column_problems(checked: list[CheckedSource], rewards: list[Any]) -> 
 TEMPLATE_CHECK_ROWS = 2000  # conversational rows per source rendered and masked at validate (training checks them all)
 
 
-def template_problems(recipe: Any, checked: list[CheckedSource]) -> tuple[list[Problem], list[str]]:
+def template_problems(recipe: "Recipe", checked: list[CheckedSource]) -> tuple[list[Problem], list[str]]:
     """Render and mask the first rows of every conversational source with the run's chat template.
 
     Loads the tokenizer (no weights). A row whose mask cannot be found exactly (a template that

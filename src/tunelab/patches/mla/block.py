@@ -13,12 +13,16 @@ scale) use it when given and fall back to estimates from the weights otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from tunelab.errors import Problem
-from tunelab.specs import Strict
+from tunelab.specs import PatchBlock
+
+if TYPE_CHECKING:
+    from tunelab.recipe.schema import Recipe
+
 
 # the model types MLA conversion handles (convert reads them from here: this module has no torch)
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -26,7 +30,7 @@ CALIBRATION_FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_complet
 MLA_ATTENTION = ("eager", "sdpa")  # the attention backends MLA runs on: its attention reads their masks
 
 
-class MlaPatch(Strict):
+class MlaPatch(PatchBlock):
     """Convert every attention layer to multi-head latent attention (MLA): a small cached latent per token."""
 
 
@@ -139,7 +143,7 @@ def mla_config_problems(spec: MlaPatch, config: Any, key: Keys, model: str = "mo
     return problems
 
 
-def mla_recipe_problems(spec: MlaPatch, recipe: Any, where: str) -> list[Problem]:
+def mla_recipe_problems(spec: MlaPatch, recipe: "Recipe", where: str) -> list[Problem]:
     """Checks of an mla block against the rest of the recipe (attention backend, quantization, method)."""
     problems = []
     if problem := mla_attention_problem(recipe.model.attn_implementation, f"the MLA attention of {where}"):
