@@ -185,3 +185,23 @@ def test_the_checks_find_a_planted_cycle(tmp_path):
     assert any("tunelab.specs" in group and "tunelab.recipe.schema" in group for group in cycles(edges))
     assert edges["tunelab.specs"]["tunelab.recipe.schema"][0]  # seen, and seen as inside a function
     assert floor("tunelab.recipe.schema") > floor("tunelab.specs")
+
+
+# test files that are not named after one module, and why
+NOT_A_MODULE = {"test_layering.py": "the package as a whole",
+                "eval/test_long_context_eval.py": "eval/long_context.py (tests/integration has a test_long_context.py)",
+                "rewards/test_init.py": "rewards/__init__.py"}
+
+
+def test_unit_tests_mirror_the_source_tree():
+    """tests/unit/<package>/test_<module>.py tests src/tunelab/<package>/<module>.py; every folder is a package."""
+    units = SRC.parents[1] / "tests" / "unit"
+    stray = []
+    for test in sorted(units.rglob("test_*.py")):
+        rel = test.relative_to(units)
+        module = SRC / rel.parent / rel.name.removeprefix("test_")
+        if str(rel) not in NOT_A_MODULE and not module.is_file() and not (module.with_suffix("") / "__init__.py").is_file():
+            stray.append(f"{rel}: no src/tunelab/{rel.parent / rel.name.removeprefix('test_')}")
+    packages = [d for d in [units, *units.rglob("*")] if d.is_dir() and d.name != "__pycache__"]
+    stray += [f"{d.relative_to(units)}/ has no __init__.py" for d in packages if not (d / "__init__.py").is_file()]
+    assert not stray, "\n".join(stray)

@@ -6,7 +6,7 @@ the full 512 x 512 score matrix per head, almost all of it masked away (the exam
 bundled chat data average under 100 tokens). ``packed_sdpa`` finds the examples from the position
 ids once per forward pass, gathers them into batches of similar length (right-padded, so causal
 attention never reaches a pad), runs SDPA with ``is_causal`` on each batch, and scatters the
-outputs back: the same attention (``tests/unit/test_packed_attention.py``), a fraction of the
+outputs back: the same attention (``tests/unit/models/test_attention.py``), a fraction of the
 score work. A position that is an example of one token (the pads ``PackedRowsCollator`` adds, at
 position 0 each) attends only to itself: its output is its value. Anything else (a KV cache,
 rows without restarts, an attention mask) goes to transformers' own SDPA function unchanged.

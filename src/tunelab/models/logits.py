@@ -6,7 +6,7 @@ chat SFT batch that is often well under half of the positions, and on a 50k-voca
 head and its cross-entropy are a large part of the step (the logits of a 2 x 512 batch of
 SmolLM2 are 200 MB in fp32, before their gradient). ``scored_logits`` runs the decoder, picks the
 scored positions' hidden states, and applies the head to those alone: the same logits, the same
-gradients (``tests/unit/test_sft_loss.py``), less compute and memory.
+gradients (``tests/unit/methods/test_sft.py``), less compute and memory.
 """
 
 from __future__ import annotations

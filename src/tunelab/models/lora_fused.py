@@ -5,7 +5,7 @@ full-width multiply by the scaling and a full-width add, each a pass over a [tok
 tensor, and the multiply again in the backward pass. For a rank-8 adapter on every linear layer of
 a small model those passes cost more than the rank-r products themselves (on this CPU about 4% of a
 SmolLM2 LoRA step). ``addmm`` does the scaling and the add inside the GEMM. Same result and
-gradients (``tests/unit/test_peft.py``); the adapter's weights, state dict and saved files are
+gradients (``tests/unit/models/test_lora_fused.py``); the adapter's weights, state dict and saved files are
 PEFT's own. Anything outside plain LoRA (dropout, DoRA and other variants, a LoRA bias, several
 or disabled adapters, merged weights, mixed-adapter batches, a dtype cast) takes PEFT's forward.
 """

@@ -40,7 +40,7 @@ shapes of the linear layers LoRA targets. The memory estimate is per GPU, in fiv
   ``FUSED_HEAD_MIN_LOGIT_BYTES`` use TRL's chunked head and keep no logits. With gradient
   checkpointing a layer keeps only its input (w·h per token) and the backward pass recomputes
   one layer at a time: the layer inputs + one layer's activations + the outside part.
-  Checked against measurement (tests/unit/test_plan.py, table in docs/benchmarks.md) on the tiny
+  Checked against measurement (tests/unit/plan/test_memory.py, table in docs/benchmarks.md) on the tiny
   Llama/Qwen2/Mistral in fp32 and under CPU bf16 autocast (the same casts as CUDA autocast); not on
   a GPU kernel's own buffers (no GPU in that session).
   Not counted: transient buffers (the logits' gradient, a reference model's forward), the CUDA

@@ -1,7 +1,7 @@
 """The PPO math on tensors: KL estimators, GAE, whitening, the clipped losses, entropy.
 
 Every function takes ``mask`` (1 = a generated token that counts, 0 = padding after EOS) and is
-tested against hand computations in tests/unit/test_ppo_math.py. Shapes are (batch, tokens)
+tested against hand computations in tests/unit/methods/ppo/test_core.py. Shapes are (batch, tokens)
 unless said otherwise; completions are right-padded, so a row's real tokens come first.
 """
 

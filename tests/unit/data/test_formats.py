@@ -1,0 +1,131 @@
+"""Row formats (data/formats.py): SFT formats and field maps, preference pairs, tool and reasoning fields, bad rows
+(errors naming why)."""
+
+import pytest
+
+from tunelab.data.formats import BadRow, to_canonical, to_preference
+from tunelab.specs import DataSource
+
+U = {"role": "user", "content": "What is 2 plus 2?"}
+GOOD_A = {"role": "assistant", "content": "2 plus 2 is 4."}
+BAD_A = {"role": "assistant", "content": "I don't know."}
+
+
+# the preference tests' helper; the SFT-format tests here pass format= on every call, so it builds their sources
+# exactly as test_data.py's src did
+def src(**kw) -> DataSource:
+    return DataSource(**{"source": "x.jsonl", "format": "preference", **kw})
+
+
+def test_sharegpt_with_role_map_and_system():
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    out = to_canonical(row, src(format="sharegpt", system="Be kind."))
+    assert out == {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "hello"}]}
+    custom = {"turns": [{"speaker": "client", "text": "q"}, {"speaker": "agent", "text": "a"}]}
+    out = to_canonical(custom, src(format="messages", field_map={"messages": "turns", "role": "speaker",
+                                                                 "content": "text"},
+                                   role_map={"client": "user", "agent": "assistant"}))
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant"]
+
+
+def test_alpaca_prompt_completion_text():
+    a = to_canonical({"instruction": "Add", "input": "2 and 3", "output": "5"}, src(format="alpaca"))
+    assert a["messages"][0] == {"role": "user", "content": "Add\n\n2 and 3"}
+    assert a["messages"][1] == {"role": "assistant", "content": "5"}
+    pc = to_canonical({"q": "2+2=", "a": "4"}, src(format="prompt_completion", field_map={"prompt": "q",
+                                                                                           "completion": "a"}))
+    assert pc == {"prompt": "2+2=", "completion": "4"}
+    conv = to_canonical({"prompt": [{"role": "user", "content": "hi"}], "completion": "yo"},
+                        src(format="prompt_completion"))
+    assert conv["messages"][-1] == {"role": "assistant", "content": "yo"}
+    assert to_canonical({"text": "plain"}, src(format="text")) == {"text": "plain"}
+
+
+@pytest.mark.parametrize("row, fmt, msg", [
+    ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no assistant"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "messages", "empty"),
+    ({"messages": [{"role": "robot", "content": "q"}]}, "messages", "unknown role 'robot'"),
+    ({"msgs": []}, "messages", "missing field 'messages'"),
+    ({"instruction": "x"}, "alpaca", "missing field 'output'"),
+    ({"prompt": "p", "completion": ""}, "prompt_completion", "completion is empty"),
+    ({"text": 3}, "text", "must be a string"),
+])
+def test_bad_rows_say_why(row, fmt, msg):
+    with pytest.raises(BadRow, match=msg):
+        to_canonical(row, src(format=fmt))
+
+
+@pytest.mark.parametrize("messages,why", [
+    ([{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}], "must follow an assistant tool call"),
+    ([{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
+      {"role": "assistant", "content": "y"}], "only assistant messages call tools"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}],
+     "no function name"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning_content": 3}],
+     "reasoning_content must be a string"),
+])
+def test_tool_and_reasoning_fields_are_checked_per_row(messages, why):
+    from tunelab.data.formats import BadRow, to_canonical
+    from tunelab.specs import DataSource
+
+    with pytest.raises(BadRow, match=why):
+        to_canonical({"messages": messages}, DataSource(source="x.jsonl"))
+
+
+def test_canonical_messages_carry_only_the_keys_a_message_has():
+    """Llama 3.1's template tests `'tool_calls' in message`: an absent key must stay absent."""
+    from tunelab.data.formats import to_canonical
+    from tunelab.specs import DataSource
+
+    row = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "thinking": "t"}],
+           "tools": [{"type": "function", "function": {"name": "f"}}]}
+    out = to_canonical(row, DataSource(source="x.jsonl"))
+    assert out["messages"][0] == {"role": "user", "content": "x"}
+    assert out["messages"][1] == {"role": "assistant", "content": "y", "reasoning_content": "t"}
+    assert out["tools"] == row["tools"]
+
+
+def test_string_and_conversation_pairs():
+    assert to_preference({"prompt": "Q:", "chosen": " yes", "rejected": " no"}, src()) == {
+        "prompt": "Q:", "chosen": " yes", "rejected": " no"}
+    conv = to_preference({"prompt": [U], "chosen": [GOOD_A], "rejected": [BAD_A]}, src(system="Be brief."))
+    assert conv["prompt"] == [{"role": "system", "content": "Be brief."}, U]
+    assert conv["chosen"] == [GOOD_A] and conv["rejected"] == [BAD_A]
+    # a string prompt with conversational answers is one user turn; string answers are assistant turns
+    mixed = to_preference({"prompt": "hi", "chosen": "hello", "rejected": [BAD_A]}, src())
+    assert mixed["prompt"] == [{"role": "user", "content": "hi"}]
+    assert mixed["chosen"] == [{"role": "assistant", "content": "hello"}]
+
+
+def test_shared_prefix_conversations_and_field_map():
+    earlier = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, U]
+    row = {"good": earlier + [GOOD_A], "bad": earlier + [BAD_A], "score": 2}
+    out = to_preference(row, src(field_map={"chosen": "good", "rejected": "bad", "margin": "score"}))
+    assert out["prompt"] == earlier and out["chosen"] == [GOOD_A] and out["rejected"] == [BAD_A]
+    assert out["margin"] == 2.0
+    # a shared assistant turn stays in the prompt only up to the last user turn before the answers differ
+    row = {"chosen": [U, GOOD_A, {"role": "user", "content": "thanks"}, GOOD_A],
+           "rejected": [U, GOOD_A, {"role": "user", "content": "thanks"}, BAD_A]}
+    assert len(to_preference(row, src())["prompt"]) == 3
+
+
+@pytest.mark.parametrize("row, msg", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen and rejected are identical"),
+    ({"prompt": [U], "chosen": [GOOD_A], "rejected": [GOOD_A]}, "chosen and rejected are identical"),
+    ({"chosen": [U, GOOD_A], "rejected": [U, GOOD_A]}, "chosen and rejected are identical"),
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "q", "rejected": "a"}, "missing field 'chosen'"),
+    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "prompt is empty"),
+    ({"prompt": [{"role": "user", "content": ""}], "chosen": "a", "rejected": "b"}, "prompt is empty"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen is empty"),
+    ({"prompt": [U], "chosen": [GOOD_A], "rejected": []}, "rejected is empty"),
+    ({"prompt": [U], "chosen": [U], "rejected": [GOOD_A]}, "chosen must start with an assistant message"),
+    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+    ({"chosen": [U, GOOD_A], "rejected": [{"role": "user", "content": "other"}, BAD_A]}, "share no opening turns"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "margin must be a number"),
+    ({"messages": [U, GOOD_A]}, "missing field 'chosen'"),  # SFT data given to a preference method
+])
+def test_bad_pairs(row, msg):
+    with pytest.raises(BadRow, match=msg):
+        to_preference(row, src())
