@@ -386,3 +386,27 @@ def test_validate_reports_reward_recipe_on_sft_builtin(tmp_path, run_cli):
     rc, _, err = run_cli("validate", recipe)
     assert rc == 2 and "builtin:quickstart/sft row 1" in err and "missing field 'chosen'" in err
     assert "more bad rows" in err  # every row is checked, the first ten are listed
+
+
+def test_validate_reads_each_local_data_file_once(monkeypatch):
+    """Checking every row, fingerprinting for the lock file and the template/reward checks share one read per file."""
+    import hashlib
+    from pathlib import Path
+
+    from tunelab.recipe.validate import validate as check
+
+    opened: list[str] = []
+    real_open = Path.open
+
+    def spy(self, *args, **kwargs):
+        if self.suffix == ".jsonl":
+            opened.append(self.name)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", spy)
+    resolved = check("recipes/quickstart/sft.yaml")
+    monkeypatch.undo()
+    assert sorted(opened) == ["sft.jsonl", "sft_eval.jsonl"], opened
+    for checked, fp in zip(resolved.sources, resolved.fingerprints()):
+        assert fp["sha256"] == hashlib.sha256(checked.resolved.path.read_bytes()).hexdigest()
+        assert checked.rows and fp["split"] == checked.key.split("[")[0].removeprefix("data.")
