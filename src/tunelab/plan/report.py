@@ -10,7 +10,7 @@ from tunelab.errors import Problem, UserError
 from tunelab.models.load import load_tokenizer
 from tunelab.plan.data import length_histograms, render_examples
 from tunelab.plan.memory import FIT_FRACTION, GIB, Plan, estimate, parse_memory
-from tunelab.recipe.load import load_recipe
+from tunelab.recipe.validate import validate
 
 
 def format_plan(plan: Plan) -> list[str]:
@@ -47,14 +47,18 @@ def format_plan(plan: Plan) -> list[str]:
 
 def run_plan(recipe_path: str, overrides: list[str], gpus: int = 1, gpu_memory: str = "80GB",
              seq_len: int | None = None, color: bool = False, data: bool = True) -> list[str]:
-    """``tunelab plan``: the memory table, the data's length histogram and the first example's loss mask."""
+    """``tunelab plan``: the memory table, the data's length histogram and the first example's loss mask.
+
+    It runs from the validated recipe: a recipe train would refuse is refused here, with the same problems.
+    """
     if gpus < 1:
         raise UserError(Problem("--gpus", f"{gpus} GPUs", "give at least 1"))
     mem = parse_memory(gpu_memory)
-    recipe = load_recipe(recipe_path, overrides).recipe
+    resolved = validate(recipe_path, overrides)  # every recipe error first, as train would find it
+    recipe = resolved.recipe
     lines: list[str] = []
     try:
-        plan = estimate(recipe, gpus, mem, seq_len)
+        plan = estimate(recipe, gpus, mem, seq_len, config=resolved.model_config)
         lines += format_plan(plan)
     except UserError as exc:
         lines += [f"memory: not estimated: {p}" for p in exc.problems]

@@ -29,3 +29,15 @@ def test_plan_without_a_config_says_so():
     text = "\n".join(lines)
     assert "memory: not estimated" in text and "runs/never-trained/final" in text
     assert "data: not shown" in text
+
+
+def test_plan_refuses_what_train_would_refuse(tmp_path):
+    """plan runs from the validated recipe: a bad data row is the same exit-2 problem it is for train."""
+    import pytest
+
+    from tunelab.errors import RecipeError
+
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')  # ends on a user turn, no reply
+    with pytest.raises(RecipeError, match="row 1"):
+        run_plan(str(REPO / "recipes/quickstart/sft.yaml"), [f'data.train=[{{source: "{bad}", format: messages}}]'])
