@@ -301,22 +301,26 @@ def check_data(recipe: "Recipe", first_rows: int = 5, accepted_formats: tuple[st
                     continue
                 limit = LOCAL_CHECK_ROWS if resolved.is_local else first_rows
                 reader = Sha256Reader(resolved.path) if resolved.path is not None else None
-                n, bad = 0, 0
-                kept: list[tuple[int, dict[str, Any]]] = []
-                for rowno, row in iter_rows(src, resolved, limit=limit, reader=reader):
-                    n += 1
-                    try:
-                        canonical = convert(row, src)
-                        if resolved.is_local and len(kept) < KEEP_ROWS:
-                            kept.append((rowno, canonical))
-                    except BadRow as exc:
-                        if recipe.data.on_bad_row == "error":
-                            bad += 1
-                            if bad <= MAX_ROW_PROBLEMS:
-                                problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),
-                                                        f"format is {src.format!r}; fix the data, the format or "
-                                                        "field_map, or set data.on_bad_row: skip"))
-                digest = reader.finish() if reader is not None else None
+                try:  # a file that stops parsing (invalid JSON) is closed here, not when collected
+                    n, bad = 0, 0
+                    kept: list[tuple[int, dict[str, Any]]] = []
+                    for rowno, row in iter_rows(src, resolved, limit=limit, reader=reader):
+                        n += 1
+                        try:
+                            canonical = convert(row, src)
+                            if resolved.is_local and len(kept) < KEEP_ROWS:
+                                kept.append((rowno, canonical))
+                        except BadRow as exc:
+                            if recipe.data.on_bad_row == "error":
+                                bad += 1
+                                if bad <= MAX_ROW_PROBLEMS:
+                                    problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),
+                                                            f"format is {src.format!r}; fix the data, the format or "
+                                                            "field_map, or set data.on_bad_row: skip"))
+                    digest = reader.finish() if reader is not None else None
+                finally:
+                    if reader is not None:
+                        reader.close()
                 checked.append(CheckedSource(key, src, resolved, fingerprint(src, resolved, digest), kept))
                 if bad > MAX_ROW_PROBLEMS:
                     problems.append(Problem(f"{key}: {resolved.label}", f"{bad - MAX_ROW_PROBLEMS} more bad rows"))

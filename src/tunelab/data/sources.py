@@ -105,6 +105,9 @@ class Sha256Reader:
             self.size += len(line)
             yield line
 
+    def close(self) -> None:
+        self.fh.close()
+
     def finish(self) -> tuple[str, int]:
         """(sha256 hex digest, size in bytes) of the whole file, reading what the parser left."""
         for chunk in iter(lambda: self.fh.read(1 << 20), b""):
@@ -161,7 +164,7 @@ def iter_local(path: Path, limit: int | None = None, reader: Sha256Reader | None
             yield from enumerate(table.to_pylist(), 1)
     finally:
         if own:
-            source.fh.close()
+            source.close()
 
 
 def iter_hub(src: "DataSource", resolved: Resolved, limit: int | None = None) -> Iterator[tuple[int, Any]]:
