@@ -52,6 +52,19 @@ class BadRow(ValueError):
     """A row that does not fit its format (missing field, unknown role, empty response...)."""
 
 
+class Unreadable:
+    """A row that could not be read (invalid JSON or UTF-8 on one line, a csv row with extra fields).
+
+    Yielded in the row's place so that the caller treats it as a bad row (``data.on_bad_row``) with its row
+    number: ``formats.convert`` raises ``BadRow`` with the reason.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 def _field(row: dict[str, Any], name: str, field_map: dict[str, str], required: bool = True) -> Any:
     col = field_map.get(name, name)
     if col not in row or row[col] is None:
@@ -103,6 +116,8 @@ def _messages(value: Any, src: "DataSource", fmt: str) -> list[dict[str, Any]]:
             raise BadRow(f"message {i} is not a mapping")
         if role_key not in msg:
             raise BadRow(f"message {i} has no {role_key!r}")
+        if not isinstance(msg[role_key], str):
+            raise BadRow(f"message {i} {role_key!r} must be a string, got {type(msg[role_key]).__name__}")
         role = role_map.get(msg[role_key], msg[role_key])
         if role not in ROLES:
             known = sorted(set(ROLES) | set(role_map))
@@ -138,6 +153,9 @@ def _check_conversation(messages: list[dict[str, Any]]) -> None:
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
         raise BadRow("conversation has no assistant message")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow(f"the conversation ends with a {messages[-1]['role']} turn, which nothing answers: end it with "
+                     "the assistant's reply, or drop the last turn")
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise BadRow(f"message {i} (assistant) is empty")
@@ -301,6 +319,8 @@ def to_prompt(row: Any, src: "DataSource") -> dict[str, Any]:
 
 def convert(row: Any, src: "DataSource") -> dict[str, Any]:
     """The canonical row of ``src.format``: a preference pair, a prompt-only row or an SFT row."""
+    if isinstance(row, Unreadable):
+        raise BadRow(row.reason)
     if src.format == "preference":
         return to_preference(row, src)
     if src.format == "prompt":

@@ -144,7 +144,7 @@ def encode_source(src: "DataSource", key: str, tokenizer: Any, data_spec: "DataS
     has_margin: set[bool] = set()
     for rowno, row in iter_rows(src, resolved):
         report.rows += 1
-        where = f"{resolved.label} row {rowno}"
+        where = resolved.row(rowno)
         try:
             canonical = convert(row, src)
         except BadRow as exc:
@@ -314,7 +314,7 @@ def check_data(recipe: "Recipe", first_rows: int = 5, accepted_formats: tuple[st
                             if recipe.data.on_bad_row == "error":
                                 bad += 1
                                 if bad <= MAX_ROW_PROBLEMS:
-                                    problems.append(Problem(f"{key}: {resolved.label} row {rowno}", str(exc),
+                                    problems.append(Problem(f"{key}: {resolved.row(rowno)}", str(exc),
                                                             f"format is {src.format!r}; fix the data, the format or "
                                                             "field_map, or set data.on_bad_row: skip"))
                     digest = reader.finish() if reader is not None else None
@@ -328,8 +328,9 @@ def check_data(recipe: "Recipe", first_rows: int = 5, accepted_formats: tuple[st
                     problems.append(Problem(f"{key}.source", f"{resolved.label} has no rows"))
                 elif n == limit and resolved.is_local:
                     notes.append(f"{key}.source: checked the first {limit} rows of {resolved.label}")
-            except DataError as exc:
-                problems.extend(exc.problems)
+            except DataError as exc:  # the file itself (not a row) is unreadable: name the recipe key too
+                problems.extend(p if p.where.startswith(key) else Problem(f"{key}: {p.where}", p.what, p.hint)
+                                for p in exc.problems)
     return problems, notes, checked
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+from zlib import error as zlib_error
 
+from tunelab.data.formats import Unreadable
 from tunelab.errors import DataError, Problem
 
 if TYPE_CHECKING:
@@ -23,7 +26,8 @@ if TYPE_CHECKING:
 
 
 BUILTIN_DATA = Path(__file__).parent / "builtin"
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+LOCAL_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,12 @@ class Resolved:
     @property
     def is_local(self) -> bool:
         return self.path is not None
+
+    def row(self, rowno: int) -> str:
+        """Where a row is, for messages: ``file.jsonl row 17`` (the line), ``file.json row 3 (index 2)``."""
+        if self.path is not None and data_kind(self.path)[0] == ".json":
+            return f"{self.label} row {rowno} (index {rowno - 1})"
+        return f"{self.label} row {rowno}"
 
 
 def builtin_names() -> list[str]:
@@ -55,23 +65,64 @@ def resolve_source(source: str, key: str) -> Resolved:
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if data_kind(p)[0] in LOCAL_SUFFIXES)
             if len(files) != 1:
                 raise DataError(Problem(key, f"{source} is a directory with {len(files)} data files",
                                         "name one .jsonl/.json/.parquet/.csv file"))
             path = files[0]
-        if path.suffix not in LOCAL_SUFFIXES:
+        if data_kind(path)[0] not in LOCAL_SUFFIXES:
             raise DataError(Problem(key, f"unsupported file type {path.suffix!r} for {source}",
-                                    "use .jsonl, .json, .parquet or .csv"))
+                                    "use .jsonl, .json, .parquet or .csv (or .jsonl.gz, .json.gz, .csv.gz)"))
         return Resolved(label=str(path), path=path.resolve())
-    if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if data_kind(path)[0] in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise DataError(Problem(key, f"data file not found: {source}", "check the path; relative paths are "
                                 "taken from the recipe's folder, then the current directory"))
     return Resolved(label=source, hub_id=source)
 
 
+# the first bytes of compressed files (a .jsonl that is really a .jsonl.gz is a common upload mistake)
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+         b"PK\x03\x04": "zip", b"PAR1": "parquet"}
+UTF8_BOM = b"\xef\xbb\xbf"
+csv.field_size_limit(2**31 - 1)  # a long response in one csv field is data, not an error (the default limit is 128 KiB)
+
+
+def file_error(path: Path, what: str, hint: str = "") -> DataError:
+    return DataError(Problem(str(path), what, hint))
+
+
+def _sniff(path: Path, head: bytes, kind: str) -> None:
+    """Refuse bytes that are not text of the file's kind, naming what they are."""
+    for magic, name in MAGIC.items():
+        if head.startswith(magic) and not (name == "parquet" and kind == "parquet"):
+            if name == "gzip":
+                hint = f"name it {path.name}.gz (tunelab reads .gz files), or gunzip it"
+            elif name == "parquet":
+                hint = f"name it {path.with_suffix('.parquet').name}"
+            else:
+                hint = f"decompress it ({name} files are not read directly)"
+            raise file_error(path, f"this is a {name} file, not {kind} text", hint)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise file_error(path, "the file is UTF-16 text (it starts with a UTF-16 byte-order mark)",
+                         "save it as UTF-8 (in Excel: CSV UTF-8; in an editor: encoding UTF-8)")
+
+
+def _utf8(raw: bytes, where: str) -> str | Unreadable:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Unreadable(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte {exc.start} of the {where} "
+                          "(save the file as UTF-8)")
+
+
 def _parse_json(path: Path, text: str) -> list[Any]:
-    data = json.loads(text)
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(Problem(f"{path} line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}",
+                                "a .json data file holds one JSON list of rows; one row per line is .jsonl")) from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:
@@ -99,6 +150,12 @@ class Sha256Reader:
         self.size += len(data)
         return data
 
+    def readline(self, n: int = -1) -> bytes:
+        data = self.fh.readline(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
     def lines(self) -> Iterator[bytes]:
         for line in self.fh:
             self.hash.update(line)
@@ -117,51 +174,113 @@ class Sha256Reader:
         return self.hash.hexdigest(), self.size
 
 
-def _rows_of_bytes(path: Path, text: Callable[[], str], limit: int | None) -> Iterator[tuple[int, Any]]:
-    """(row number, row) of a .json or .csv file from its decoded text."""
-    if path.suffix == ".json":
-        rows = _parse_json(path, text())
-        yield from enumerate(rows[:limit] if limit else rows, 1)
-    else:
-        for i, row in enumerate(csv.DictReader(io.StringIO(text(), newline="")), 1):
-            yield i, dict(row)
-            if limit is not None and i >= limit:
-                return
+def data_kind(path: Path) -> tuple[str, bool]:
+    """(.jsonl/.json/.csv/.parquet, gzip-compressed) of a data file's name (``rows.jsonl.gz`` -> (.jsonl, True))."""
+    suffixes = path.suffixes
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] in TEXT_SUFFIXES:
+        return suffixes[-2], True
+    return path.suffix, False
+
+
+def _jsonl_rows(path: Path, lines: Iterator[bytes], limit: int | None) -> Iterator[tuple[int, Any]]:
+    count = 0
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1 and raw.startswith(UTF8_BOM):  # what Windows editors and Excel write
+            raw = raw[len(UTF8_BOM):]
+        line = _utf8(raw, "line")
+        if isinstance(line, str):
+            if not line.strip():
+                continue
+            try:
+                row: Any = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = ("this looks like a JSON list: name the file .json" if lineno == 1 and line.lstrip()[:1] == "["
+                        else "each line of a .jsonl file must be one JSON object")
+                row = Unreadable(f"invalid JSON at column {exc.colno}: {exc.msg} ({hint})")
+        else:
+            row = line
+        yield lineno, row
+        count += 1
+        if limit is not None and count >= limit:
+            return
+
+
+def _csv_rows(path: Path, data: bytes, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """Rows of a csv file, numbered by their line (the header is line 1, as a spreadsheet numbers them)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(Problem(f"{path} row {line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x})",
+                                "save the file as UTF-8 (in Excel: CSV UTF-8)")) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    count = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(Problem(f"{path} row {reader.line_num}", f"unreadable csv: {exc}")) from None
+        if None in row:  # more fields than the header names
+            yield reader.line_num, Unreadable(f"{len(reader.fieldnames or []) + len(row[None])} fields, the header "
+                                              f"names {len(reader.fieldnames or [])}")  # type: ignore[call-overload]
+        else:
+            yield reader.line_num, dict(row)
+        count += 1
+        if limit is not None and count >= limit:
+            return
 
 
 def iter_local(path: Path, limit: int | None = None, reader: Sha256Reader | None = None) -> Iterator[tuple[int, Any]]:
-    """(row number, row) pairs of a local file; row numbers are 1-based (jsonl: the line number).
+    """(row number, row) pairs of a local file; row numbers are 1-based (jsonl and csv: the line number).
 
     With a ``reader`` the bytes come through it (and are hashed on the way); otherwise the file is opened here.
+    A UTF-8 byte-order mark, CRLF line ends and blank lines are read as the text they are; compressed or
+    UTF-16 bytes under a text name stop with the file named; a ``.gz`` file is decompressed on the way.
+    A jsonl line that is not valid UTF-8 or JSON is yielded as ``Unreadable`` (a bad row, with its number).
     """
-    suffix = path.suffix
+    kind, gz = data_kind(path)
     own = reader is None
     source = reader or Sha256Reader(path)
     try:
-        if suffix == ".jsonl":
-            count = 0
-            for lineno, raw in enumerate(source.lines(), 1):
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(Problem(f"{path} row {lineno}", f"invalid JSON: {exc.msg}",
-                                            "each line of a .jsonl file must be one JSON object")) from None
-                yield lineno, row
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-        elif suffix in (".json", ".csv"):
-            yield from _rows_of_bytes(path, lambda: source.read().decode("utf-8"), limit)
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
+        stream: Any = source
+        if gz:
+            import gzip
 
-            table = pq.read_table(io.BytesIO(source.read()))
-            if limit is not None:
-                table = table.slice(0, limit)
-            yield from enumerate(table.to_pylist(), 1)
+            stream = gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[call-overload]
+        try:
+            if kind == ".jsonl":
+                first = stream.readline()
+                _sniff(path, first, "jsonl")
+                yield from _jsonl_rows(path, itertools.chain([first], stream if gz else source.lines()), limit)
+            elif kind == ".json":
+                data = stream.read()
+                _sniff(path, data[:8], "json")
+                if data.startswith(UTF8_BOM):
+                    data = data[len(UTF8_BOM):]
+                text = _utf8(data, "file")
+                if isinstance(text, Unreadable):
+                    raise file_error(path, text.reason)
+                rows = _parse_json(path, text)
+                yield from enumerate(rows[:limit] if limit else rows, 1)
+            elif kind == ".csv":
+                data = stream.read()
+                _sniff(path, data[:8], "csv")
+                yield from _csv_rows(path, data, limit)
+            elif kind == ".parquet":
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                try:
+                    table = pq.read_table(io.BytesIO(source.read()))
+                except pa.ArrowException as exc:
+                    raise file_error(path, f"not a readable parquet file: {exc}"[:300]) from None
+                if limit is not None:
+                    table = table.slice(0, limit)
+                yield from enumerate(table.to_pylist(), 1)
+        except (OSError, EOFError, zlib_error) as exc:  # a truncated or corrupt .gz
+            raise file_error(path, f"cannot decompress: {exc}", "check the file is complete (gzip -t)") from None
     finally:
         if own:
             source.close()

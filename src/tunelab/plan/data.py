@@ -107,7 +107,7 @@ def render_examples(recipe: "Recipe", tokenizer: Any, color: bool = False) -> li
                 canonical = convert(row, src)
             except BadRow:
                 continue
-            label = f"{resolved.label} row {rowno}"
+            label = resolved.row(rowno)
             try:
                 if src.format == "preference":
                     p, c, r = encode_pair(tokenizer, canonical)

@@ -102,7 +102,7 @@ def template_problems(recipe: "Recipe", checked: list[CheckedSource]) -> tuple[l
                     render_with_mask(tok, messages, tools)
                 except TemplateMismatch as exc:
                     problems.append(Problem(f"model.chat_template: {checked_source.key} "
-                                            f"{checked_source.resolved.label} row {rowno}", str(exc)))
+                                            f"{checked_source.resolved.row(rowno)}", str(exc)))
                     break
             if len(problems) >= 5:
                 return problems + [Problem("model.chat_template", "stopped after 5 rows; registry: "

@@ -19,7 +19,6 @@ from tunelab.data.templates import (  # noqa: E402
 )
 from tunelab.models.builtin import builtin_tokenizer  # noqa: E402
 
-
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is 3 plus 4?"},

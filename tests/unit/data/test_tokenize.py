@@ -4,7 +4,6 @@ token; a preference pair is the rendered conversation."""
 from tunelab.data.tokenize import IGNORE, encode_messages, encode_pair, encode_row
 from tunelab.models.builtin import builtin_tokenizer
 
-
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is 3 plus 4?"},

@@ -59,7 +59,7 @@ def calibration_problems(spec: MlaPatch, key: Keys) -> list[Problem]:
             try:
                 to_canonical(row, src)
             except BadRow as exc:
-                return [Problem(key("calibration_data"), f"{resolved.label} row {rowno}: {exc}",
+                return [Problem(key("calibration_data"), f"{resolved.row(rowno)}: {exc}",
                                 f"read as {src.format}; set {key('calibration_format')} to match the data")]
     except DataError as exc:
         return list(exc.problems)
