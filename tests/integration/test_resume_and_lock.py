@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, tunelab_cmd
 
 COMMON = ["--set", "train.max_steps=30", "--set", "train.save_steps=10", "--set", "train.logging_steps=1",
@@ -69,3 +71,46 @@ def test_lock_file_reproduces_loss_curve(run_cli, tmp_path):
     assert a.keys() == b.keys() and len(a) == 30
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+
+
+DPO_SETS = ["model.path=builtin:tiny-llama", "data.eval=[]",
+            'data.train=[{source: "builtin:quickstart/preference", format: preference, samples: 32}]',
+            "train.max_steps=4", "train.save_steps=2", "train.save_total_limit=null", "train.logging_steps=1",
+            "train.eval_before_train=false", "train.report_to=[none]"]
+
+
+def test_dpo_resume_auto_restores_the_optimizer_state(tmp_path, capsys):
+    """DPO cut after checkpoint-2 and resumed with --resume auto (run_training in this process) ends where the uncut
+    run ends: the same step-3/4 losses, the same final weights and the same Adam moments in checkpoint-4.
+
+    The tolerances are 1e-5 (measured: equal to the last bit). A resume that loses the optimizer state moves the
+    weights by about lr per step (at the recipe's lr 1e-4, measured: 1.7e-4 at most after 2 steps, close to a
+    1e-4 check), and restarts the moments: checkpoint-4's exp_avg and exp_avg_sq then differ by 84% and 99.8% of
+    their largest entry, and its step counts 2, not 4.
+    """
+    from safetensors.torch import load_file
+
+    from tunelab.train import run_training
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_training("recipes/quickstart/dpo.yaml", [*DPO_SETS, f"train.output_dir={whole}"])
+    shutil.copytree(whole, cut, ignore=shutil.ignore_patterns("final", "checkpoint-4", "summary.json"))
+    capsys.readouterr()
+    run_training("recipes/quickstart/dpo.yaml", [*DPO_SETS, f"train.output_dir={cut}"], resume="auto")
+    assert f"resuming from {cut / 'checkpoint-2'}" in capsys.readouterr().out  # resumed, not restarted
+
+    a, b = losses(whole), losses(cut)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step
+    got, want = load_file(cut / "final" / "model.safetensors"), load_file(whole / "final" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+    opt_b = torch.load(cut / "checkpoint-4" / "optimizer.pt", weights_only=True)["state"]
+    opt_a = torch.load(whole / "checkpoint-4" / "optimizer.pt", weights_only=True)["state"]
+    assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
+    for i in opt_a:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            x, y = opt_a[i][key].float(), opt_b[i][key].float()
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()), msg=f"param {i} {key}")
