@@ -11,9 +11,11 @@ regresses the same log-ratio difference h onto 1/(2τ), τ = ``beta``:
     L = (h - 1/(2β))^2
 
 with h computed from length-averaged log-probabilities, as TRL does and as the IPO authors'
-reported results use (the seed's form drops the reference and writes 1/β). The implicit reward
-of a response is β (log πθ(y|x) - log πref(y|x)); its chosen-minus-rejected mean is the
-"margin" metric. The reference is the starting weights: a frozen copy for full fine-tuning, the
+reported results use (the seed's form drops the reference and writes 1/β). With
+``label_smoothing`` ε the sigmoid loss is conservative DPO (Mitchell 2023), for labels flipped
+with probability ε: -(1-ε) log σ(βh) - ε log σ(-βh) (TRL 1.16 ignores ε there; see
+``conservative_dpo``). The implicit reward of a response is β (log πθ(y|x) - log πref(y|x));
+its chosen-minus-rejected mean is the "margin" metric. The reference is the starting weights: a frozen copy for full fine-tuning, the
 same weights with the adapters disabled under PEFT (no second copy), or ``reference:`` a path.
 """
 
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 
+# the losses that read label_smoothing (TRL's, and sigmoid: conservative DPO, by tunelab)
+SMOOTHED_LOSSES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
+
 
 class DPOBlock(TRLBlock):
     """Preference optimisation against a frozen reference: DPO (sigmoid), IPO and TRL's other pairwise losses."""
@@ -45,7 +50,8 @@ class DPOBlock(TRLBlock):
     loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description="one loss, or several combined with loss_weights")
     loss_weights: list[float] | None = Field(None, description="one weight per loss_type entry (default: all 1)")
     beta: float = Field(0.1, gt=0, description="KL strength (τ for IPO): larger keeps the policy nearer the reference")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust DPO flip probability / EXO epsilon")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="label-flip probability ε: conservative DPO "
+                                   "(sigmoid), robust DPO; EXO's epsilon")
     reference: str | None = Field(None, description="explicit reference model (path or hub id); default: the "
                                   "starting weights (with PEFT: the base with adapters disabled)")
     precompute_ref_log_probs: bool = Field(False, description="score the data with the reference once, up front, "
@@ -69,9 +75,33 @@ class DPOBlock(TRLBlock):
                                  "loss_type entries; give one weight per loss")
             if any(w < 0 for w in self.loss_weights):
                 raise ValueError("loss_weights must not be negative")
+        if self.label_smoothing > 0 and not set(self.losses) & SMOOTHED_LOSSES:
+            raise ValueError(f"label_smoothing {self.label_smoothing} is read only by the losses "
+                             f"{', '.join(sorted(SMOOTHED_LOSSES))}; loss_type {self.loss_type} would ignore it")
         if "exo_pair" in self.losses and self.label_smoothing == 0:
             raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
         return self
+
+
+def conservative_dpo(loss_types: list[str], weights: list[float], eps: float) -> tuple[list[str], list[float]]:
+    """TRL's loss list and weights with every ``sigmoid`` entry made conservative DPO at label smoothing ``eps``.
+
+    Conservative DPO (cDPO, Mitchell 2023; TRL's sigmoid loss before 1.0) assumes a label is flipped
+    with probability ε: -(1-ε) log σ(βh) - ε log σ(-βh). TRL 1.16's sigmoid loss ignores
+    label_smoothing, which would leave a recipe's ε silently unused. With TRL's robust loss at the
+    same ε, R = (-(1-ε) log σ(βh) + ε log σ(-βh)) / (1-2ε), cDPO = 2(1-ε) sigmoid - (1-2ε) R, so
+    the entry becomes that pair of TRL losses (the same per-pair mean and gradients).
+    """
+    types: list[str] = []
+    out: list[float] = []
+    for loss, w in zip(loss_types, weights, strict=True):
+        if loss == "sigmoid" and eps > 0:
+            types += ["sigmoid", "robust"]
+            out += [2 * (1 - eps) * w, -(1 - 2 * eps) * w]
+        else:
+            types.append(loss)
+            out.append(w)
+    return types, out
 
 
 def dpo_trainer_class() -> type:
@@ -87,6 +117,8 @@ def dpo_trainer_class() -> type:
                 # reference is the base: drop the copy and let TRL disable the adapters instead
                 model.delete_adapter("ref")
                 model.set_adapter("default")
+            self.loss_types, self.loss_weights = conservative_dpo(self.loss_types, self.loss_weights,
+                                                                  self.label_smoothing)
 
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):

@@ -1,5 +1,6 @@
 """DPO (methods/dpo.py): the reference model (PEFT keeps one copy of the base and scores the reference with adapters
-disabled; a frozen copy otherwise; precomputed or explicit), and the DPO and IPO losses against the formulas.
+disabled; a frozen copy otherwise; precomputed or explicit), and the DPO, IPO, hinge, robust and conservative
+(label-smoothed) DPO losses against the formulas and against a stock TRL DPOTrainer.
 
 The losses: the trainer tunelab builds is fed a stub model that returns hand-made per-token log-probs; the loss it
 computes must equal the published formula evaluated independently in plain Python floats (atol 1e-6). The
@@ -20,7 +21,6 @@ build_trainer = METHODS["dpo"].build_trainer
 from tunelab.models.builtin import builtin_model, builtin_tokenizer  # noqa: E402
 from tunelab.models.peft import apply_peft  # noqa: E402
 from tunelab.recipe.load import load_recipe  # noqa: E402
-
 
 PAIRS = {"prompt_ids": [[5, 6, 7, 8], [9, 10]], "chosen_ids": [[11, 12, 13], [14]], "rejected_ids": [[15], [16, 17]]}
 
@@ -208,3 +208,90 @@ def test_dpo_loss_depends_on_reference(tmp_path):
     inputs, per_token = _dpo_batch()
     inputs["ref_chosen_logps"] = inputs["ref_chosen_logps"] + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     assert float(trainer.compute_loss(StubPolicy(per_token), inputs)) != pytest.approx(ours, abs=1e-4)
+
+
+def _h(c, r, rc, rr) -> float:
+    """The log-ratio difference h = (log π(y+) - log πref(y+)) - (log π(y-) - log πref(y-)) of one pair."""
+    return (sum(c) - rc) - (sum(r) - rr)
+
+
+PAIRS_BY_HAND = list(zip(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED))  # h = 1.0, 0.5, 0.5
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.5])
+def test_hinge_loss_by_hand(tmp_path, beta):
+    """SLiC's hinge (Zhao et al. 2023) on the DPO log-ratios: relu(1 - β h); at β 1.5 one pair is past the margin."""
+    ours, trainer, _ = _our_dpo_loss(tmp_path, ["method.loss_type=hinge", f"method.beta={beta}"])
+    losses = [max(0.0, 1 - beta * _h(*pair)) for pair in PAIRS_BY_HAND]
+    assert (0.0 in losses) == (beta == 1.5)  # guard: both sides of the hinge are exercised
+    assert ours == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_robust_loss_by_hand(tmp_path, eps):
+    """Robust DPO (Chowdhury et al. 2024, eq. 8), ε = label_smoothing, the probability that a label is flipped:
+    (-(1-ε) log σ(β h) + ε log σ(-β h)) / (1 - 2ε), unbiased for the clean-label DPO loss."""
+    beta = 0.5
+    ours, _, _ = _our_dpo_loss(tmp_path, ["method.loss_type=robust", f"method.beta={beta}",
+                                          f"method.label_smoothing={eps}"])
+    losses = [(-(1 - eps) * log_sigmoid(beta * _h(*p)) + eps * log_sigmoid(-beta * _h(*p))) / (1 - 2 * eps)
+              for p in PAIRS_BY_HAND]
+    assert ours == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.25])
+def test_sigmoid_with_label_smoothing_is_conservative_dpo_by_hand(tmp_path, eps):
+    """sigmoid + label_smoothing ε is conservative DPO (cDPO, Mitchell 2023; TRL's sigmoid loss before 1.x):
+    -(1-ε) log σ(β h) - ε log σ(-β h). TRL 1.16's sigmoid ignores label_smoothing; tunelab's trainer must not."""
+    beta = 0.5
+    ours, trainer, _ = _our_dpo_loss(tmp_path, ["method.loss_type=sigmoid", f"method.beta={beta}",
+                                                f"method.label_smoothing={eps}"])
+    losses = [-(1 - eps) * log_sigmoid(beta * _h(*p)) - eps * log_sigmoid(-beta * _h(*p)) for p in PAIRS_BY_HAND]
+    assert ours == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+    plain = [-log_sigmoid(beta * _h(*p)) for p in PAIRS_BY_HAND]
+    assert abs(sum(losses) - sum(plain)) / 3 > 1e-2  # guard: ε changes the loss well beyond the tolerance
+    # the gradients too: d/dh of the pair's loss is β (-(1-ε) σ(-βh) + ε σ(βh)), and each response token's
+    # log-prob enters h with +1 (chosen) or -1 (rejected)
+    inputs, per_token = _dpo_batch()
+    policy = StubPolicy(per_token)
+    trainer.compute_loss(policy, inputs).backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for i, (c, r, _, _) in enumerate(PAIRS_BY_HAND):
+        h = _h(*PAIRS_BY_HAND[i])
+        dh = beta * (-(1 - eps) * sig(-beta * h) + eps * sig(beta * h)) / 3
+        grad_c, grad_r = policy.per_token.grad[i], policy.per_token.grad[3 + i]
+        assert grad_c[grad_c != 0].tolist() == pytest.approx([dh] * len(c), abs=1e-9)
+        assert grad_r[grad_r != 0].tolist() == pytest.approx([-dh] * len(r), abs=1e-9)
+
+
+@pytest.mark.parametrize(("loss_type", "eps"), [("hinge", 0.0), ("robust", 0.2), ("sigmoid", 0.0)])
+def test_losses_equal_trls_own_dpo_trainer(tmp_path, loss_type, eps):
+    """The recipe's loss_type, beta and label_smoothing reach TRL: a stock trl.DPOTrainer given the same DPOConfig
+    values computes the same loss on the same tensors (where TRL implements the loss; cDPO is tunelab's)."""
+    from trl import DPOConfig, DPOTrainer
+
+    beta = 0.3
+    ours, trainer, _ = _our_dpo_loss(tmp_path / "ours", [f"method.loss_type={loss_type}", f"method.beta={beta}",
+                                                         f"method.label_smoothing={eps}"])
+    assert (trainer.loss_types, trainer.beta, trainer.label_smoothing) == ([loss_type], beta, eps)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, beta=beta, label_smoothing=eps,
+                     report_to="none", use_cpu=True, bf16=False)
+    stock = DPOTrainer(model=builtin_model("tiny-llama"), ref_model=builtin_model("tiny-llama"), args=args,
+                       train_dataset=Dataset.from_dict({"prompt": ["a b"], "chosen": [" c"], "rejected": [" d"]}),
+                       processing_class=builtin_tokenizer())
+    assert type(stock) is DPOTrainer
+    stock.precompute_ref_logps = True
+    inputs, per_token = _dpo_batch()
+    theirs = float(stock.compute_loss(StubPolicy(per_token), inputs).detach())
+    assert ours == pytest.approx(theirs, abs=1e-9)
+
+
+def test_label_smoothing_no_loss_reads_is_refused(tmp_path):
+    """hinge, ipo, ... ignore label_smoothing in TRL: a recipe setting it there is refused, not trained without it."""
+    from tunelab.errors import RecipeError
+    from tunelab.recipe.validate import validate
+
+    with pytest.raises(RecipeError, match="label_smoothing 0.1 is read only by the losses aot, aot_unpaired"):
+        validate("recipes/quickstart/dpo.yaml", ["model.path=builtin:tiny-llama", f"train.output_dir={tmp_path}",
+                                                 "method.loss_type=hinge", "method.label_smoothing=0.1"])
+    _recipe(tmp_path, "method.loss_type=[hinge, robust]", "method.label_smoothing=0.1")  # robust reads it
