@@ -1,6 +1,7 @@
 """Every PEFT method trains a few steps on CPU through the real CLI and saves a loadable adapter."""
 
 import json
+import math
 
 import pytest
 
@@ -20,8 +21,9 @@ def test_peft_method_trains(recipe, run_cli, tmp_path):
     adapter = out / "final" / "adapter_config.json"
     assert adapter.is_file()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [m["loss"] for m in metrics if "loss" in m]
-    assert len(losses) >= 3 and all(loss == loss for loss in losses)  # logged, finite
+    logged = [m for m in metrics if "loss" in m]
+    # logged and finite (a NaN/inf loss is logged as the mean of the earlier ones by transformers: the norm shows it)
+    assert len(logged) >= 3 and all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in logged), logged
     model, tok = load_for_inference(str(out))  # plain peft loads it back
     assert model is not None and tok is not None
     if recipe in ("sft-lora", "sft-qlora", "sft-dora"):
