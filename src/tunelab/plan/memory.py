@@ -11,10 +11,12 @@ shapes of the linear layers LoRA targets. The memory estimate is per GPU, in fiv
   quantization); 8-bit: 1 byte plus one fp32 per row. PEFT adapters are fp32 (PEFT upcasts them).
 - **gradients**: trainable parameters only, in their dtype.
 - **optimizer**: AdamW's two states per trainable parameter, in the parameter's dtype for torch's
-  AdamW (none, ddp, fsdp2); DeepSpeed (zero0..3) keeps them in fp32 and adds an fp32 master copy
-  of 16-bit trainable parameters. 8-bit AdamW: 1 byte per state; SGD/Adafactor: counted as none.
+  AdamW (none, ddp, fsdp2); DeepSpeed (zero0..3) keeps them in fp32 and adds an fp32 master copy:
+  ZeRO-1..3 of every trainable parameter (it steps an fp32 clone of each rank's partition, also of fp32
+  parameters), zero0 of 16-bit ones only. 8-bit AdamW: 1 byte per state; SGD/Adafactor: counted as none.
   DeepSpeed under bf16/fp16 holds the model itself (adapters too) in 16 bits: 2 + 2 + 12 bytes per
-  trained parameter, the ZeRO paper's accounting; torch's autocast keeps fp32 weights (4 + 4 + 8).
+  trained parameter, the ZeRO paper's accounting; in fp32, 4 + 4 + 12 under ZeRO-1..3 and 4 + 4 + 8 under
+  zero0; torch's autocast keeps fp32 weights (4 + 4 + 8).
 - **activations**: the tensors autograd saves for backward, by sequence length S and micro batch
   B (the rows one forward sees). Counted from the tensors autograd saves in a Llama-style block
   with SDPA (listed with ``torch.autograd.graph.saved_tensors_hooks`` on the built-in tiny Llama,
@@ -290,22 +292,29 @@ def weight_cast_bytes(shape: ModelShape, wbytes: int, act: int, peft: "LoraSpec 
     return float(act * total), 0.0
 
 
-def _optim_state_bytes(optim: str, trainable_dtype_bytes: int, deepspeed: bool) -> float:
-    """Bytes of optimizer state per trainable parameter (master copy included)."""
+def _optim_state_bytes(optim: str, trainable_dtype_bytes: int, zero: int | None) -> float:
+    """Bytes of optimizer state per trainable parameter (master copy included); ``zero``: the ZeRO stage, None
+    without DeepSpeed.
+
+    ZeRO-1..3 step an fp32 clone of each rank's partition of the parameters, also when the parameters are
+    fp32 themselves (measured: tests/integration/test_plan_zero_shares.py); ZeRO-0 keeps a master copy
+    only of 16-bit parameters (its bf16/fp16 optimizer wrappers) and steps fp32 ones in place.
+    """
     name = optim.lower()
     if "sgd" in name or "adafactor" in name:
         return 0.0
-    per_state = 1 if "8bit" in name else (4 if deepspeed else trainable_dtype_bytes)
-    master = 4 if deepspeed and trainable_dtype_bytes < 4 else 0
+    per_state = 1 if "8bit" in name else (4 if zero is not None else trainable_dtype_bytes)
+    master = 4 if zero is not None and (trainable_dtype_bytes < 4 or zero >= 1) else 0
     return 2 * per_state + master
 
 
 def model_component(name: str, shape: ModelShape, wbytes: int, peft: "LoraSpec | PrefixSpec | PromptSpec | None", quant: Any, trainable: bool,
-                    optim: str, deepspeed: bool, tokens: float, act: int, ckpt: bool,
+                    optim: str, zero: int | None, tokens: float, act: int, ckpt: bool,
                     logits: bool = True, abytes: int = 4) -> tuple[Component, float]:
     """One model's weights, gradients, optimizer states and activations; (component, recompute peak).
 
-    ``abytes``: the adapter's dtype size (PEFT keeps adapters in fp32; DeepSpeed casts them with the model).
+    ``zero``: the DeepSpeed ZeRO stage, None for torch's optimizer (none, ddp, fsdp2). ``abytes``: the
+    adapter's dtype size (PEFT keeps adapters in fp32; DeepSpeed casts them with the model).
     """
     weights = float(shape.params * wbytes)
     if quant is not None:
@@ -327,7 +336,7 @@ def model_component(name: str, shape: ModelShape, wbytes: int, peft: "LoraSpec |
         n_train, tbytes = n_adapter, abytes
     held, recompute = activation_bytes_per_token(shape, wbytes, act, ckpt, logits, peft)
     casts, casts_recompute = weight_cast_bytes(shape, wbytes, act, peft, ckpt)
-    comp = Component(name, weights, float(n_train * tbytes), n_train * _optim_state_bytes(optim, tbytes, deepspeed),
+    comp = Component(name, weights, float(n_train * tbytes), n_train * _optim_state_bytes(optim, tbytes, zero),
                      held * tokens + casts)
     return comp, recompute * tokens + casts_recompute
 
@@ -407,20 +416,20 @@ def estimate(recipe: "Recipe", gpus: int = 1, gpu_memory: float = 80 * GIB, seq_
         if reward_configs[path] is None:
             notes.append(f"reward model {path}: config not readable here, not counted")
 
-    def build(deepspeed: bool, ckpt_: bool = ckpt, tokens_: float = tokens) -> tuple[list[Component], float]:
+    def build(zero: int | None, ckpt_: bool = ckpt, tokens_: float = tokens) -> tuple[list[Component], float]:
         comps: list[Component] = []
         # DeepSpeed under bf16/fp16 holds the model in 16 bits (adapters too) and the fp32 master copy in the optimizer
-        wb, ab = (2, 2) if deepspeed and mixed else (wbytes, 4)
-        policy, rec = model_component(terms.trained, shape, wb, peft, quant, True, optim, deepspeed, tokens_, act,
+        wb, ab = (2, 2) if zero is not None and mixed else (wbytes, 4)
+        policy, rec = model_component(terms.trained, shape, wb, peft, quant, True, optim, zero, tokens_, act,
                                       ckpt_, terms.full_logits, ab)
         comps.append(policy)
         if terms.reference:
             ref_bytes = min(wb, DTYPE_BYTES[weight_dtype(recipe.model, True, gpu)])
-            comps.append(model_component("reference", shape, ref_bytes, None, None, False, optim, deepspeed, 0,
+            comps.append(model_component("reference", shape, ref_bytes, None, None, False, optim, zero, 0,
                                          act, ckpt_)[0])
         if terms.critic:
             critic_shape = model_shape(config, "score")
-            critic, rec_c = model_component("critic", critic_shape, wb, peft, quant, True, optim, deepspeed,
+            critic, rec_c = model_component("critic", critic_shape, wb, peft, quant, True, optim, zero,
                                             tokens_, act, ckpt_, logits=False, abytes=ab)
             comps.append(critic)
             rec += rec_c
@@ -428,14 +437,13 @@ def estimate(recipe: "Recipe", gpus: int = 1, gpu_memory: float = 80 * GIB, seq_
             rconf = reward_configs.get(path)
             if rconf is not None:
                 comps.append(model_component(f"reward model {path}", model_shape(rconf, "score"), wb, None,
-                                             None, False, optim, deepspeed, 0, act, ckpt_)[0])
+                                             None, False, optim, zero, 0, act, ckpt_)[0])
         return comps, rec
 
     largest = float(shape.largest_layer * (2 if mixed else wbytes))  # ZeRO-3/FSDP2 gather in the compute dtype
     table: list[Estimate] = []
     for strategy in ALL_STRATEGIES:
-        deepspeed = strategy.startswith("zero")
-        comps, rec = build(deepspeed)
+        comps, rec = build(int(strategy[4]) if strategy.startswith("zero") else None)
         n = 1 if strategy == "none" else gpus
         table.append(partition(comps, strategy, "none", n, largest, rec))
         if strategy in ("zero2", "zero3", "fsdp2"):
@@ -444,7 +452,7 @@ def estimate(recipe: "Recipe", gpus: int = 1, gpu_memory: float = 80 * GIB, seq_
         table = [e for e in table if e.strategy.split("+")[0] not in method.refused_strategies]
         notes.append(f"{method.name}: {' and '.join(method.refused_strategies)} are not supported "
                      "(rollouts need the whole policy on every rank)")
-    components, _ = build(False)
+    components, _ = build(None)
     limit = gpu_memory * FIT_FRACTION
     by_name = {e.strategy: e for e in table}
     order = ("none",) + STRATEGY_ORDER[1:] if gpus == 1 else STRATEGY_ORDER
@@ -452,14 +460,14 @@ def estimate(recipe: "Recipe", gpus: int = 1, gpu_memory: float = 80 * GIB, seq_
     suggestions: list[str] = []
     last = next(x for x in ("zero3", "zero2", "zero1") if x not in method.refused_strategies)
     if fits is None:
-        comps, rec = build(True, True)
+        comps, rec = build(int(last[4]), True)
         z3 = partition(comps, last, "cpu", gpus, largest, rec)
         if not ckpt and z3.total <= limit:
             suggestions.append(f"turn on model.gradient_checkpointing: {last}+cpu then needs {z3.total / GIB:.2f} GiB")
         for mb in (recipe.train.batch_size // 2, recipe.train.batch_size // 4, 1):
             if mb < 1 or mb >= recipe.train.batch_size:
                 continue
-            comps, rec = build(True, True, tokens * mb / recipe.train.batch_size)
+            comps, rec = build(int(last[4]), True, tokens * mb / recipe.train.batch_size)
             z3 = partition(comps, last, "cpu", gpus, largest, rec)
             if z3.total <= limit:
                 suggestions.append(f"gradient checkpointing and train.batch_size={mb} (raise train.grad_accum to "
