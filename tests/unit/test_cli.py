@@ -32,3 +32,25 @@ def test_convert_mla_options_are_the_patch_fields(run_cli):
         if name != "name":
             assert "--" + name.replace("_", "-") in out, name
             assert field.description.split(";")[0][:40] in out, name
+
+
+def test_env_lists_installed_versions_and_devices(run_cli):
+    """`tunelab env`: one line per library with the installed version (as pip sees it), then what torch sees."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    rc, out, err = run_cli("env")
+    assert rc == 0, err
+    # "name           value": the name padded to 14 columns (names may hold a space: "cpu threads")
+    lines = {line[:15].strip(): line[15:].strip() for line in out.splitlines() if line and not line.startswith(" ")}
+    assert lines["python"] == platform.python_version()
+    for name in ("tunelab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers"):
+        assert lines.get(name) == importlib.metadata.version(name), (name, out)
+    assert lines["torch"] == torch.__version__  # the torch this interpreter imports is the one listed
+    assert lines["cuda"] == f"{torch.cuda.is_available()} ({torch.cuda.device_count()} devices)"
+    devices = [line for line in out.splitlines() if line.startswith("  cuda:")]
+    assert len(devices) == torch.cuda.device_count()
+    assert all("GiB, bf16" in line for line in devices)
+    assert int(lines["cpu threads"]) >= 1
