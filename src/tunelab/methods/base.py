@@ -12,6 +12,7 @@ config from the recipe in one way for all of them and owns one list of the field
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -158,6 +159,10 @@ class TRLMethod(Method[TB]):
             elif key in owned:
                 problems.append(Problem(f"method.trl.{key}", "is set by tunelab from the recipe",
                                         "use the recipe's own key (train.*, data.*, model.*, method.*) instead"))
+        if trl.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+            # the Trainer would raise ImportError only after the weights are loaded
+            problems.append(Problem("method.trl.use_liger_kernel", "needs the liger-kernel package, which is not "
+                                    "installed", "pip install liger-kernel (tunelab[gpu]), or remove the key"))
         if problems:
             return problems
         try:

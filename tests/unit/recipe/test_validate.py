@@ -410,3 +410,18 @@ def test_validate_reads_each_local_data_file_once(monkeypatch):
     for checked, fp in zip(resolved.sources, resolved.fingerprints()):
         assert fp["sha256"] == hashlib.sha256(checked.resolved.path.read_bytes()).hexdigest()
         assert checked.rows and fp["split"] == checked.key.split("[")[0].removeprefix("data.")
+
+
+def test_validate_refuses_liger_kernels_without_the_package(tmp_path, run_cli):
+    """`method.trl: {use_liger_kernel: true}` without liger-kernel: the Trainer would raise only after loading the
+    weights; validate (and train, before loading) name the key."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD)
+    for command in ("validate", "train"):
+        rc, out, err = run_cli(command, path, "--set", "method.trl={use_liger_kernel: true}")
+        assert rc == 2, (out, err)
+        assert "method.trl.use_liger_kernel" in err and "liger-kernel" in err and "Traceback" not in out + err
