@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from tunelab.errors import Problem, UserError
+from tunelab.errors import Preempted, Problem, UserError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -104,6 +104,9 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, UserError):
         typer.echo(exc.render(), err=True)
         raise typer.Exit(2)
+    if isinstance(exc, Preempted):  # stopped at a checkpoint, to be run again
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.exit_code)
     if os.environ.get("TUNELAB_DEBUG"):
         raise exc
     typer.echo(f"error: {type(exc).__name__}: {exc}\n(set TUNELAB_DEBUG=1 to see the traceback)", err=True)
@@ -379,6 +382,12 @@ def launch(
     setup: Annotated[Optional[list[str]], typer.Option(help="a shell line before srun (module load, source "
                                                        "venv/bin/activate); repeatable",
                                                        rich_help_panel=LAUNCH)] = None,
+    signal_lead: Annotated[int, typer.Option(help="seconds before the time limit at which Slurm sends SIGTERM "
+                                             "(the ranks checkpoint and stop); 0: no signal",
+                                             rich_help_panel=LAUNCH)] = 120,
+    requeue: Annotated[bool, typer.Option("--requeue/--no-requeue", help="requeue the job when it stopped at a "
+                                          "checkpoint on SIGTERM (it then resumes with --resume auto)",
+                                          rich_help_panel=LAUNCH)] = True,
 ) -> None:
     """Run a recipe on several processes or nodes with torchrun, or render a Slurm script."""
     from tunelab.launch.launcher import LaunchOptions, run_launch
@@ -390,7 +399,8 @@ def launch(
     opts = LaunchOptions(rdzv=rdzv, nproc_given=nproc_per_node is not None, hostfile=hostfile, slurm=slurm,
                          output=output, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time,
                          partition=partition, account=account, job_name=job_name, log=log, hf_home=hf_home,
-                         env=env or [], setup=setup or [], dry_run=dry_run)
+                         env=env or [], setup=setup or [], dry_run=dry_run, signal_lead_s=signal_lead,
+                         requeue=requeue)
     say = (lambda m: typer.echo(m)) if slurm or dry_run else (lambda m: typer.echo(m, err=True))
     code = _guard(run_launch, recipe, set_ or [], resume, opts, say)
     if code:

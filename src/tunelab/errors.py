@@ -41,6 +41,15 @@ class UserError(Exception):
         return head + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM/SIGUSR1) and stopped at a complete checkpoint: run it again to go on.
+
+    Exit code 75 (EX_TEMPFAIL), which the rendered sbatch script treats as "requeue".
+    """
+
+    exit_code = 75
+
+
 class RecipeError(UserError):
     """Problems found in a recipe before any weights load."""
 

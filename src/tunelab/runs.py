@@ -2,13 +2,15 @@
 
     output_dir/
       recipe.lock.yaml   metrics.jsonl   data_report.json   summary.json
-      checkpoint-N/      (written under .staging/, then renamed: never half-written)
+      checkpoint-N/      (written under .staging/, then renamed: never half-written; its
+                          tunelab_manifest.json, written last, lists every file's size and sha256)
       final/             (HF format or a PEFT adapter, with the tokenizer)
       tensorboard/       plots/loss.png
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,6 +19,55 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "tunelab_manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(checkpoint: Path) -> Path:
+    """``tunelab_manifest.json``: every file of a checkpoint with its size and sha256, written last (via a rename)."""
+    files = {str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = checkpoint / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, checkpoint / MANIFEST)
+    return checkpoint / MANIFEST
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, truncated or changed), or None when it is whole.
+
+    Checked against its manifest; a checkpoint without one (written before manifests existed) needs a readable
+    trainer_state.json.
+    """
+    manifest = checkpoint / MANIFEST
+    if not manifest.is_file():
+        state = checkpoint / "trainer_state.json"
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError) as exc:
+            return f"no {MANIFEST}, and trainer_state.json is unreadable ({type(exc).__name__})"
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, want in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupt)"
+    return None
 
 
 @dataclass
@@ -70,6 +121,7 @@ class RunDir:
         """
         import shutil
 
+        write_manifest(staged)
         target = self.root / staged.name
         if target.exists():
             shutil.rmtree(target)
@@ -83,6 +135,24 @@ class RunDir:
     def last_checkpoint(self) -> Path | None:
         cps = self.checkpoints()
         return cps[-1] if cps else None
+
+    def last_complete_checkpoint(self, say: Any = None) -> Path | None:
+        """The newest checkpoint whose files match its manifest; a corrupt newer one is moved to ``.corrupt/``
+        (kept for a look, out of the way of ``--resume auto`` and of the checkpoint rotation) and said."""
+        for cp in reversed(self.checkpoints()):
+            problem = checkpoint_problem(cp)
+            if problem is None:
+                return cp
+            aside = self.root / ".corrupt" / cp.name
+            aside.parent.mkdir(exist_ok=True)
+            if aside.exists():
+                import shutil
+
+                shutil.rmtree(aside)
+            os.replace(cp, aside)
+            (say or print)(f"warning: {cp.name} is not a complete checkpoint ({problem}); moved it to {aside} and "
+                           "resuming from the one before")
+        return None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():

@@ -160,6 +160,9 @@ class TrainSpec(Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps spent warming up linearly from 0")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
     max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: no clipping)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a step whose loss or gradient is NaN/inf: stop (naming the step; the last checkpoint is "
+        "kept and final/ is not written) or skip its update (counted in summary.json)")
     optim: str = Field("adamw_torch", description="optimizer name, as transformers' TrainingArguments.optim takes it")
     batch_size: int = Field(8, ge=1, description="per-device micro batch")
     grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step; the global batch is "

@@ -14,9 +14,17 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data.pipeline import build_datasets
 from tunelab.data.templates import choice_of
 from tunelab.distributed.config import zero_stage
+from tunelab.distributed.faults import (
+    PREEMPTED_FILE,
+    NonFiniteGuard,
+    PreemptionGuard,
+    fault_callbacks,
+    start_watchdog,
+    write_preempted,
+)
 from tunelab.distributed.process_group import close_process_group, connectivity_check, deepspeed_process_group
 from tunelab.distributed.zero_checkpoint import load_universal, make_universal, resume_plan
-from tunelab.errors import Problem, UserError
+from tunelab.errors import Preempted, Problem, UserError
 from tunelab.log import say
 from tunelab.models.builtin import builtin_model
 from tunelab.models.load import is_tiny_builtin, load_model, load_tokenizer, set_stop_tokens
@@ -26,7 +34,7 @@ from tunelab.recipe.load import load_recipe
 from tunelab.recipe.lock import read_lock_provenance, write_lock
 from tunelab.recipe.schema import Recipe
 from tunelab.recipe.validate import ResolvedRecipe, validate
-from tunelab.runs import RunDir, loss_summary, metrics_callback, model_card, plot_metrics
+from tunelab.runs import RunDir, checkpoint_problem, loss_summary, metrics_callback, model_card, plot_metrics
 
 if TYPE_CHECKING:
     from tunelab.specs import QuantizationSpec
@@ -47,10 +55,13 @@ def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
                                     "pass --resume auto to continue it, or --set train.output_dir=runs/NEW"))
         return None
     if resume == "auto":
-        return run.last_checkpoint()
+        return run.last_complete_checkpoint(say)
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise UserError(Problem("--resume", f"{resume} is not a complete checkpoint (no trainer_state.json)"))
+    if problem := checkpoint_problem(path):
+        raise UserError(Problem("--resume", f"{resume} is not a complete checkpoint: {problem}",
+                                "resume from an earlier checkpoint, or use --resume auto (the newest complete one)"))
     return path
 
 
@@ -232,7 +243,12 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     if recipe.distributed.strategy.startswith("zero") and not method.owns_checkpointing:  # HF's Trainer
 
         deepspeed_process_group()
-    trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, [metrics_callback(run)])
+    preemption, nonfinite = PreemptionGuard().install(), NonFiniteGuard(recipe.train.on_nonfinite)
+    (run.root / PREEMPTED_FILE).unlink(missing_ok=True)
+    callbacks = [metrics_callback(run), *fault_callbacks(preemption, nonfinite)]
+    trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks)
+    if hasattr(trainer, "faults"):  # a trainer of our own (PPO) runs its loop itself: it takes the guards
+        trainer.faults = (preemption, nonfinite)
     accelerator = trainer.accelerator  # transformers' Trainer and our PPO trainer both have one
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
@@ -242,6 +258,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
                            "distributed.strategy set in the recipe")
 
     connectivity_check()  # every rank is in the group (a missing one is named) before any step runs
+    watchdog = start_watchdog(run.root)  # a rank that hangs mid-run: every rank's stack, the laggard named
     # said out loud: a launch that meant N processes but formed none trains N separate copies
     summary["processes"] = accelerator.num_processes
     summary["distributed"] = accelerator.distributed_type.value
@@ -258,7 +275,23 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         say(f"resuming from {resume_from}")
     elif resume == "auto":
         say("no complete checkpoint to resume from: starting fresh")
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        preemption.uninstall()
+        if watchdog is not None:
+            watchdog.stop()
+    if preemption.stopped_at is not None:
+        step, last = preemption.stopped_at, run.last_checkpoint()
+        if trainer.is_world_process_zero():
+            write_preempted(run.root, step, last, preemption.signal)
+        close_process_group()
+        raise Preempted(f"preempted: stopped at step {step} with a complete checkpoint ({last}); "
+                        f"continue with: tunelab train {recipe_path} --resume auto")
+    if nonfinite.skipped:
+        summary["nonfinite_skipped_steps"] = nonfinite.skipped
+        say(f"skipped {len(nonfinite.skipped)} update(s) with a non-finite gradient: step(s) "
+            f"{', '.join(map(str, nonfinite.skipped[:20]))}{' ...' if len(nonfinite.skipped) > 20 else ''}")
 
     saved = getattr(trainer, "saved_model", None) or trainer.model  # our PPO trainer saves its policy
     stops = set_stop_tokens(saved, tokenizer)  # a PeftModel passes generation_config through to its base

@@ -1,4 +1,4 @@
-"""What only a GPU can check (marker ``gpu``; tests/gpu/conftest.py skips all of it without CUDA).
+"""What only a GPU can check (marker ``gpu``; tests/conftest.py skips all of it without CUDA).
 
 - bf16 SFT and DPO steps on the built-in tiny model finish with finite losses;
 - flash-attention's padding-free packing (TRL's collator: one concatenated row, position ids restarting at

@@ -71,6 +71,8 @@ class LaunchOptions:
     setup: list[str] = field(default_factory=list)
     dry_run: bool = False
     validate: bool = True
+    signal_lead_s: int = 120
+    requeue: bool = True
 
 
 def run_launch(recipe: str, overrides: list[str], resume: str | None, opts: LaunchOptions,
@@ -94,8 +96,9 @@ def run_launch(recipe: str, overrides: list[str], resume: str | None, opts: Laun
     if problems:
         raise UserError(problems)
 
-    if opts.validate:
-        validate(recipe, overrides)  # every recipe error before a node starts (or a job is queued)
+    output_dir = None
+    if opts.validate:  # every recipe error before a node starts (or a job is queued)
+        output_dir = validate(recipe, overrides).recipe.train.output_dir
 
     if opts.slurm:
         gpus = opts.gpus_per_node or (rdzv.nproc_per_node if opts.nproc_given else None) or local_gpu_count()
@@ -105,7 +108,8 @@ def run_launch(recipe: str, overrides: list[str], resume: str | None, opts: Laun
         job = SlurmJob(nodes=rdzv.nnodes, gpus_per_node=gpus, cpus_per_task=opts.cpus_per_task, time=opts.time,
                        partition=opts.partition, account=opts.account, job_name=opts.job_name, output=opts.log,
                        hf_home=opts.hf_home, master_port=rdzv.master_port or DEFAULT_PORT,
-                       rdzv_timeout_s=rdzv.rdzv_timeout_s, env=env, setup=opts.setup)
+                       rdzv_timeout_s=rdzv.rdzv_timeout_s, env=env, setup=opts.setup,
+                       signal_lead_s=opts.signal_lead_s, requeue=opts.requeue, output_dir=output_dir)
         script = render_sbatch(job, recipe, overrides, resume)
         if opts.output:
             Path(opts.output).parent.mkdir(parents=True, exist_ok=True)

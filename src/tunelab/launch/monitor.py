@@ -49,6 +49,7 @@ _ROOT = re.compile(r"Root Cause \(first observed failure\):(?P<body>.*)", re.S)
 _RANK = re.compile(r"rank\s*:\s*(-?\d+)\s*\(local_rank:\s*(-?\d+)\)")
 _EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 _HOST = re.compile(r"host\s*:\s*(\S+)")
+_HANG = re.compile(r"hang: rank\(s\) (?P<ranks>[\d, ]+) did not arrive.*?Python stacks of every rank: (?P<stacks>\S+)")
 
 
 def parse_torchrun_failure(text: str) -> Failure | None:
@@ -182,7 +183,13 @@ def monitor(commands: list[tuple[str, list[str]]], env: dict[str, str] | None = 
     elapsed = time.monotonic() - start
     text = watch.tail.decode("utf-8", "replace")
     failure = parse_torchrun_failure(text) or watch.first_gone
-    if failure is not None:
+    hang = _HANG.search(text)
+    if hang:  # a rank alive but stuck: the ranks that timed out waiting for it are not the news
+        who = hang["ranks"].replace(" ", "")
+        say(f"error: rank {who} did not arrive at a collective (alive but stuck); the others waited in it until the "
+            f"collective timeout{', then ' + failure.describe() if failure else ''}. Python stacks of every rank: "
+            f"{hang['stacks']} (exit code {proc.returncode} after {elapsed:.0f} s)")
+    elif failure is not None:
         if failure.host is None and host and not is_local(host):
             failure.host = host
         say(f"error: {failure.describe()}; torchrun stopped the other ranks (exit code {proc.returncode} "

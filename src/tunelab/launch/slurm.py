@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tunelab.errors import Problem, UserError
 from tunelab.launch.torchrun import DEFAULT_PORT, train_args
@@ -40,6 +41,9 @@ class SlurmJob:
     rdzv_timeout_s: int = 300
     env: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, source venv)
+    signal_lead_s: int = 120  # SIGTERM this long before the time limit: the ranks checkpoint and stop (0: none)
+    requeue: bool = True  # requeue the job when it stopped at a checkpoint (RUN/preempted.json)
+    output_dir: str | None = None  # the recipe's train.output_dir, where preempted.json appears
 
     def problems(self) -> list[Problem]:
         out = []
@@ -51,6 +55,8 @@ class SlurmJob:
             out.append(Problem("--cpus-per-task", f"must be at least 1, got {self.cpus_per_task}"))
         if self.time is not None and not all(part.isdigit() for part in self.time.replace("-", ":").split(":")):
             out.append(Problem("--time", f"{self.time!r} is not a Slurm time", "e.g. 4:00:00 or 1-12:00:00"))
+        if self.signal_lead_s < 0:
+            out.append(Problem("--signal-lead", f"must be 0 or more seconds, got {self.signal_lead_s}"))
         for key in self.env:
             if not key.isidentifier():
                 out.append(Problem("--env", f"{key!r} is not a variable name"))
@@ -75,6 +81,11 @@ def render_sbatch(job: SlurmJob, recipe: str, overrides: list[str], resume: str 
         lines.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         lines.append(f"#SBATCH --account={job.account}")
+    if job.signal_lead_s:  # every process of the step: the ranks write a checkpoint and exit 75
+        lines.append(f"#SBATCH --signal=TERM@{job.signal_lead_s}")
+    if job.requeue:
+        lines.append("#SBATCH --requeue")
+        resume = resume or "auto"  # a requeued job continues from its last complete checkpoint
     lines += [f"#SBATCH --output={job.output}",
               "",
               "# rendered by `tunelab launch --slurm`; submit with: sbatch THIS_FILE",
@@ -107,6 +118,21 @@ def render_sbatch(job: SlurmJob, recipe: str, overrides: list[str], resume: str 
               '  --nnodes "$SLURM_NNODES" --nproc-per-node "$GPUS_PER_NODE" \\',
               '  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID" \\',
               f"  --rdzv-conf join_timeout={job.rdzv_timeout_s} --max-restarts 0 \\",
-              f"  {train}",
+              f"  {train}" + (" && rc=0 || rc=$?" if job.requeue else ""),
               ""]
+    if job.requeue:
+        # torchrun reports a rank's exit 75 as its own failure (1): the marker the ranks write says "preempted"
+        if job.output_dir:
+            marker = shlex.quote(str(Path(job.output_dir) / "preempted.json"))
+            stopped, said = f'[ "$rc" -eq 75 ] || [ -f {marker} ]', f"$(cat {marker} 2>/dev/null)"
+        else:  # not validated (--no-validate): the run directory is unknown here, only the exit code tells
+            stopped, said = '[ "$rc" -eq 75 ]', "exit 75"
+        lines += ["# SIGTERM (--signal, or a preemption): the ranks wrote a checkpoint and preempted.json; go again",
+                  f'if [ "$rc" -ne 0 ] && {{ {stopped}; }}; then',
+                  f'  echo "stopped at a checkpoint ({said}): requeueing job $SLURM_JOB_ID"',
+                  '  scontrol requeue "$SLURM_JOB_ID"',
+                  "  exit 0",
+                  "fi",
+                  'exit "$rc"',
+                  ""]
     return "\n".join(lines)

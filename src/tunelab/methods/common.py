@@ -41,6 +41,7 @@ def training_arguments(recipe: "Recipe") -> dict[str, Any]:
         dataloader_pin_memory=cuda_available(),
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN/inf loss is logged as it is (train.on_nonfinite acts on it)
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -73,6 +74,21 @@ def distributed_arguments(recipe: "Recipe") -> dict[str, Any]:
     return {}
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full...); the earlier checkpoints are intact and resumable."""
+
+
+def checkpoint_write_error(run: RunDir, step: int, exc: OSError) -> CheckpointWriteError:
+    """Clean up the half-written checkpoint and say what is left to resume from."""
+    import shutil
+
+    shutil.rmtree(run.staging, ignore_errors=True)
+    last = run.last_checkpoint()
+    left = f"the last complete checkpoint, {last.name}, is intact" if last else "there is no earlier checkpoint"
+    return CheckpointWriteError(f"writing checkpoint-{step} failed ({exc.strerror or exc}); nothing of it was "
+                                f"published and {left}: free space (or fix {run.root}) and run again with --resume auto")
+
+
 def atomic_checkpoints(trainer_cls: type) -> type:
     """A subclass of ``trainer_cls`` whose checkpoints appear whole or not at all.
 
@@ -85,18 +101,19 @@ def atomic_checkpoints(trainer_cls: type) -> type:
         _get_output_dir: Any  # transformers' Trainer: the checkpoint folder of a trial
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            real_dir = self._get_output_dir(trial=trial)
-            staging = str(RunDir(Path(real_dir)).staging)
+            run = RunDir(Path(self._get_output_dir(trial=trial)))
             original: Any = self._get_output_dir
-            self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+            self._get_output_dir = lambda trial=None: str(run.staging)  # type: ignore[method-assign]
             try:
                 super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()
+                if self.args.should_save:
+                    run.publish_checkpoint(run.staging / f"checkpoint-{self.state.global_step}",
+                                           self.args.save_total_limit)
+            except OSError as exc:  # a full disk, a quota, a vanished mount: the published checkpoints are untouched
+                raise checkpoint_write_error(run, self.state.global_step, exc) from exc
             finally:
                 self._get_output_dir = original  # type: ignore[method-assign]
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                run = RunDir(Path(real_dir))
-                run.publish_checkpoint(run.staging / f"checkpoint-{self.state.global_step}", self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
 
     AtomicCheckpointTrainer.__name__ = f"Atomic{trainer_cls.__name__}"

@@ -23,7 +23,7 @@ def _after(cmd: list[str], flag: str) -> str:
 def _render(**kw) -> str:
     job = SlurmJob(nodes=3, gpus_per_node=4, cpus_per_task=32, time="12:00:00", partition="gpu", account="proj",
                    job_name="sft", hf_home="/shared/hf", env={"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO"},
-                   setup=["source /shared/venv/bin/activate"], **kw)
+                   **{"setup": ["source /shared/venv/bin/activate"], "output_dir": "runs/a b", **kw})
     return render_sbatch(job, RECIPE, SETS)
 
 
@@ -42,6 +42,10 @@ def test_slurm_script_content(tmp_path):
     assert '--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"' in script
     assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=32 " in script
     assert "--max-restarts 0" in script
+    assert "#SBATCH --signal=TERM@120" in script.splitlines() and "#SBATCH --requeue" in script.splitlines()
+    assert "--resume auto" in script  # a requeued job continues from its last complete checkpoint
+    plain = _render(signal_lead_s=0, requeue=False)
+    assert "--signal" not in plain and "requeue" not in plain and "--resume" not in plain
     assert "8" not in script.replace("OMP_NUM_THREADS=8", "")  # no hard-coded GPU count
     path = tmp_path / "job.sbatch"
     path.write_text(script)
@@ -69,7 +73,7 @@ def test_slurm_script_runs_with_fake_slurm(tmp_path):
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert (_after(args, "--nnodes"), _after(args, "--nproc-per-node"), _after(args, "--rdzv-endpoint"),
             _after(args, "--rdzv-id")) == ("3", "4", "gpu-node-07:29555", "4242")
-    assert args[-6:] == ["train", RECIPE, "--set", SETS[0], "--set", SETS[1]]
+    assert args[-8:] == ["train", RECIPE, "--set", SETS[0], "--set", SETS[1], "--resume", "auto"]
     assert "HF_HOME=/shared/hf" in (tmp_path / "srun.env").read_text().splitlines()
     (tmp_path / "srun.args").unlink()
     (bin_ / "scontrol").write_text("#!/bin/bash\nexit 1\n")  # no host to rendezvous on: a clear error, no srun
@@ -81,3 +85,42 @@ def test_slurm_job_problems():
     with pytest.raises(UserError) as exc:
         render_sbatch(SlurmJob(nodes=0, gpus_per_node=0, time="soon", env={"1BAD": "x"}), RECIPE, [])
     assert {p.where for p in exc.value.problems} == {"--nnodes", "--gpus-per-node", "--time", "--env"}
+
+
+def _fake_slurm(tmp_path, srun_body: str, **kw):
+    """The script run with stand-ins: scontrol names the hosts and records a requeue; srun runs ``srun_body``."""
+    path = tmp_path / "job.sbatch"
+    path.write_text(_render(setup=[], **kw))
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    fakes = {"scontrol": f'if [ "$1" = requeue ]; then echo "$@" >> {tmp_path}/requeued; exit 0; fi\n'
+                         'printf "gpu-node-07\\n"',
+             "srun": srun_body}
+    for name, body in fakes.items():
+        (bin_ / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_ / name).chmod(stat.S_IRWXU)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-07",
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242"}
+    return subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("how", ["marker", "exit75", "failed", "ok"])
+def test_slurm_script_requeues_a_preempted_run(tmp_path, how):
+    """A run that stopped at a checkpoint (preempted.json in its output_dir, or exit 75) is requeued and the
+    job ends 0; a run that failed is not requeued and the job keeps its exit code; a finished one ends 0."""
+    body = {"marker": 'mkdir -p "runs/a b" && echo \'{"step": 7}\' > "runs/a b/preempted.json"; exit 1',
+            "exit75": "exit 75", "failed": "exit 3", "ok": "exit 0"}[how]
+    proc = _fake_slurm(tmp_path, body)
+    requeued = tmp_path / "requeued"
+    if how in ("marker", "exit75"):
+        assert proc.returncode == 0, proc.stderr
+        assert requeued.read_text().split() == ["requeue", "4242"]
+        assert "requeueing job 4242" in proc.stdout
+    else:
+        assert proc.returncode == {"failed": 3, "ok": 0}[how] and not requeued.exists()
+
+
+def test_slurm_script_requeue_without_output_dir(tmp_path):
+    """Not validated (no output_dir known): only exit 75 says preempted."""
+    assert _fake_slurm(tmp_path, "exit 75", output_dir=None).returncode == 0
+    assert (tmp_path / "requeued").exists()

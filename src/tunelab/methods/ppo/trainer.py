@@ -33,6 +33,7 @@ from torch import nn
 from tunelab.distributed.config import deepspeed_config, resolve_precision
 from tunelab.errors import UserError
 from tunelab.log import say
+from tunelab.methods.common import checkpoint_write_error
 from tunelab.methods.online import completion_mask, prompt_text, reward_columns, sample, stop_token_ids
 from tunelab.methods.ppo import core
 from tunelab.models.inference import load_reward_model
@@ -191,6 +192,8 @@ class PPOTrainer:
         self.state = SimpleNamespace(global_step=0, epoch=0.0, max_steps=self.total_steps,
                                      is_world_process_zero=self.accelerator.is_main_process)
         self.generator = torch.Generator()
+        self.trainable_params = trainable(model) + trainable(critic)
+        self.faults: tuple[Any, Any] | None = None  # (PreemptionGuard, NonFiniteGuard), set by train.py
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -229,6 +232,10 @@ class PPOTrainer:
                           f"clipfrac {row['clipfrac']:.3f}")
                 for cb in self.callbacks:
                     cb.on_log(None, self.state, None, logs=row)
+            if self.state.global_step < self.total_steps and self.faults is not None and self.faults[0].requested():
+                self.faults[0].stopped_at = self.state.global_step  # preempted: a checkpoint of this step, then stop
+                self.save_checkpoint()
+                return
             if self.state.global_step % self.t.save_steps == 0 and self.state.global_step < self.total_steps:
                 self.save_checkpoint()
 
@@ -357,7 +364,8 @@ class PPOTrainer:
                     for net in (self.unwrapped.policy, self.unwrapped.critic):
                         torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
                                                        self.t.max_grad_norm)
-                self.opt.step()
+                if self.faults is None or self.faults[1].check(self.trainable_params, self.state.global_step + 1):
+                    self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
 
@@ -376,7 +384,6 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> None:
         """checkpoint-N/: trainable weights, optimizer/scheduler states, step and KL coefficient."""
-        from safetensors.torch import save_file
 
         run = RunDir(Path(self.t.output_dir))
         staging = run.staging / f"checkpoint-{self.state.global_step}"
@@ -389,6 +396,16 @@ class PPOTrainer:
             self.model.save_checkpoint(str(staging), tag="deepspeed", exclude_frozen_parameters=True)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            try:
+                self._write_checkpoint(run, staging)
+            except OSError as exc:  # a full disk: the published checkpoints are untouched
+                raise checkpoint_write_error(run, self.state.global_step, exc) from exc
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, run: RunDir, staging: Path) -> None:
+        from safetensors.torch import save_file
+
+        if True:
             for tag in ("policy", "critic"):
                 save_file(trainable_state(getattr(self.unwrapped, tag)), str(staging / f"{tag}.safetensors"))
             state = {"scheduler": self.sched.state_dict()}
@@ -399,7 +416,6 @@ class PPOTrainer:
                 {"global_step": self.state.global_step, "kl_coef": self.kl.value, "total_steps": self.total_steps,
                  "deepspeed": self.deepspeed, "world_size": self.accelerator.num_processes}))
             run.publish_checkpoint(staging, self.t.save_total_limit)
-        self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore what ``save_checkpoint`` wrote; the data order and sampling seeds follow the step."""
