@@ -93,7 +93,8 @@ app.add_typer(recipes_app, name="recipes")
 convert_app = typer.Typer(cls=_ConvertGroup, help="Convert a model's architecture (mla: multi-head latent "
                           "attention).", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
-export_app = typer.Typer(help="Export a converted model to another architecture's checkpoint format.",
+export_app = typer.Typer(help="Export a trained model: GGUF (llama.cpp, LM Studio), an Ollama model folder, or an "
+                         "MLA-converted model as a DeepSeek-V3 checkpoint.",
                          no_args_is_help=True)
 app.add_typer(export_app, name="export")
 
@@ -300,6 +301,19 @@ def export_deepseek(
     from tunelab.convert import run_export_deepseek
 
     _guard(run_export_deepseek, model, output, rope_layout)
+
+
+@export_app.command("gguf")
+def export_gguf(
+    model: Annotated[str, typer.Argument(help="run dir, final/, LoRA/DoRA adapter dir (merged first), model dir or "
+                                         "builtin:NAME")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .gguf file to write")],
+    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | q8_0 | f32 (1-D tensors stay f32)")] = "f16",
+) -> None:
+    """Write one GGUF file (llama.cpp, Ollama, LM Studio): merged weights, tokenizer, chat template, stop tokens."""
+    from tunelab.models.gguf_export import run_export_gguf
+
+    _guard(run_export_gguf, model, output, type_)
 
 
 @recipes_app.command("ls")
