@@ -60,7 +60,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_SPLITS: dict[str, str | None] = {"gpt2": None, "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+PRE_SPLITS: dict[str, str | None] = {"gpt-2": None, "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
                                      "tekken": _TEKKEN_SPLIT}
 _PROBES = ["Hello world! It's 2026: 12345 apples, 3.14 pies.\n\n  indented\ttab\r\nCRLF",
            "ÀÉÎõü naïve café 你好世界 мир 🤖 emoji's THEY'LL don't I'M",
