@@ -316,6 +316,19 @@ def export_gguf(
     _guard(run_export_gguf, model, output, type_)
 
 
+@export_app.command("ollama")
+def export_ollama(
+    model: Annotated[str, typer.Argument(help="run dir, final/, LoRA/DoRA adapter dir, model dir or builtin:NAME")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="new folder for model.gguf and Modelfile")],
+    type_: Annotated[str, typer.Option("--type", help="f16 | bf16 | q8_0 | f32")] = "q8_0",
+    name: Annotated[Optional[str], typer.Option(help="the name for `ollama create` (where ollama is installed)")] = None,
+) -> None:
+    """An Ollama model folder: the GGUF plus a Modelfile (TEMPLATE, SYSTEM, stops) of the training chat template."""
+    from tunelab.models.ollama import run_export_ollama
+
+    _guard(run_export_ollama, model, output, type_, name)
+
+
 @recipes_app.command("ls")
 def recipes_ls() -> None:
     """List the shipped recipes."""

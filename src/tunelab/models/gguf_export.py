@@ -242,7 +242,7 @@ def write_gguf(model: Any, tok: Any, output: Path, out_type: str = "f16", name: 
     os.replace(partial, output)
     return {"path": str(output), "architecture": arch.gguf, "type": out_type, "tensor_types": counts,
             "bytes": output.stat().st_size, "tied_embeddings": tied, "pre_tokenizer": tokmeta["pre"],
-            "eos": tokmeta["eos"], "eot": eot}
+            "eos": tokmeta["eos"], "eot": eot, "add_bos": bool(tokmeta["add_bos"])}
 
 
 def _encode(gguf: Any, np: Any, data: Any, out_type: str) -> tuple[Any, Any]:
