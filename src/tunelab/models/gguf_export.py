@@ -30,6 +30,7 @@ from typing import Any
 from tunelab.data.templates import TemplateMismatch, choice_of
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
+from tunelab.models.inference import load_for_inference, resolve_model_dir
 
 OUT_TYPES = ("f16", "bf16", "q8_0", "f32")
 _MARKERS = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
@@ -271,8 +272,6 @@ def end_of_turn_id(tok: Any) -> int | None:
 
 def load_merged(source: str) -> tuple[Any, Any]:
     """(merged causal LM, tokenizer) of a run dir, final/, LoRA adapter or model dir; prefix/prompt refused."""
-    from tunelab.models.inference import load_for_inference, resolve_model_dir
-
     p = Path(resolve_model_dir(source))
     cfg = p / "adapter_config.json"
     if cfg.is_file() and json.loads(cfg.read_text()).get("peft_type") not in ("LORA", None):
@@ -291,6 +290,10 @@ def run_export_gguf(source: str, output: Path, out_type: str = "f16") -> dict[st
         raise UserError(Problem("--output", f"{output} does not end in .gguf", "name the file MODEL.gguf"))
     if output.is_dir():
         raise UserError(Problem("--output", f"{output} is a directory", "give a file path ending in .gguf"))
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(Problem("tunelab export gguf", "writing GGUF needs the gguf package", 'pip install "tunelab[gguf]"'))
     model, tok = load_merged(source)
     info = write_gguf(model, tok, output, out_type, name=Path(source).name if not source.startswith("builtin:")
                       else source[len("builtin:"):])

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.templates import choice_of, identify
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
+from tunelab.models.gguf_export import load_merged, write_gguf
 
 _CHATML = ('{{- range $i, $m := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
            '<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n'
@@ -136,12 +140,6 @@ def build_modelfile(gguf_name: str, template_name: str, tok: Any, template_text:
 
 def run_export_ollama(source: str, output: Path, out_type: str = "q8_0", name: str | None = None) -> Path:
     """`tunelab export ollama`: OUT/model.gguf + OUT/Modelfile; `ollama create NAME -f OUT/Modelfile` where installed."""
-    import shutil
-    import subprocess
-
-    from tunelab.data.templates import choice_of, identify
-    from tunelab.models.gguf_export import load_merged, write_gguf
-
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(Problem("--output", f"{output} exists and is not an empty folder", "give a new folder"))
     model, tok = load_merged(source)
