@@ -184,7 +184,9 @@ def _show_distributed(recipe, num_processes: int) -> None:  # noqa: ANN001
 
 
 LONG = "Long context (--task passkey | ppl-vs-length | kv-cache)"
+HARNESS = "lm-evaluation-harness (--task lm-eval:TASK[,TASK])"
 TASKS = ("lm", "reward", "passkey", "ppl-vs-length", "kv-cache")
+LM_EVAL = "lm-eval:"  # --task lm-eval:arc_easy,hellaswag: lm-evaluation-harness tasks
 NO_DATA_TASKS = ("passkey", "kv-cache")
 
 
@@ -197,12 +199,14 @@ def eval_(
                                       "reward model on preference pairs; passkey: passkey retrieval by length x "
                                       "depth; ppl-vs-length: sliding-window perplexity at several context "
                                       "lengths; kv-cache: KV-cache bytes per token, predicted (original vs MLA) "
-                                      "and measured after generating")] = "lm",
+                                      "and measured after generating; lm-eval:TASK[,TASK]: lm-evaluation-harness "
+                                      "tasks (e.g. lm-eval:arc_easy,hellaswag)")] = "lm",
     format: Annotated[Optional[str], typer.Option(help="messages|sharegpt|alpaca|prompt_completion|text "
                                                   "(default: messages; ppl-vs-length: text)")] = None,
     max_length: Annotated[int, typer.Option()] = 1024,
     batch_size: Annotated[int, typer.Option()] = 8,
-    limit: Annotated[Optional[int], typer.Option(help="only the first N rows")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N rows (lm-eval: documents of each "
+                                                 "task)")] = None,
     generate: Annotated[bool, typer.Option("--generate", help="also generate and score BLEU/ROUGE-L")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate (default: 64; passkey: 10)")] = None,
     temperature: Annotated[float, typer.Option()] = 0.0,
@@ -225,19 +229,39 @@ def eval_(
                                             rich_help_panel=LONG)] = 100_000,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="folder for the JSON and PNG "
                                                    "(default: MODEL-eval-TASK beside a local model, "
-                                                   "else ./eval-TASK)", rich_help_panel=LONG)] = None,
+                                                   "else ./eval-TASK; TASK lm-eval for lm-eval tasks)",
+                                                   rich_help_panel=LONG)] = None,
+    lm_eval_include: Annotated[Optional[Path], typer.Option(
+        "--lm-eval-include", help="a folder of lm-eval task YAMLs of your own, indexed besides lm-eval's (relative "
+        "data_files in them are read relative to the YAML)", rich_help_panel=HARNESS)] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="few-shot examples per prompt (default: each task's "
+                                                       "own)", rich_help_panel=HARNESS)] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when available) | cpu | cuda | cuda:N",
+                                        rich_help_panel=HARNESS)] = "auto",
 ) -> None:
-    """Perplexity (--generate: BLEU/ROUGE-L), reward accuracy, passkey retrieval, ppl vs length, KV-cache size."""
+    """Perplexity (--generate: BLEU/ROUGE-L), reward accuracy, passkey retrieval, ppl vs length, KV-cache size,
+    lm-evaluation-harness tasks."""
     from tunelab.eval.commands import (
         run_eval,
         run_kv_cache_eval,
+        run_lm_eval,
         run_passkey_eval,
         run_ppl_vs_length_eval,
         run_reward_eval,
     )
 
+    if task.startswith(LM_EVAL):
+        if data:
+            _fail(UserError(Problem("--data", "lm-eval tasks read their own data", "drop --data; point a task at a "
+                                    "local copy of its data instead (docs/evaluation.md)")))
+        _guard(run_lm_eval, model, task[len(LM_EVAL) :], lm_eval_include, limit, batch_size, num_fewshot, device,
+               output)
+        return
+    if lm_eval_include is not None:
+        _fail(UserError(Problem("--lm-eval-include", f"is for --task {LM_EVAL}TASK, not --task {task}")))
     if task not in TASKS:
-        _fail(UserError(Problem("--task", f"unknown task {task!r}", "use " + ", ".join(TASKS))))
+        _fail(UserError(Problem("--task", f"unknown task {task!r}", "use " + ", ".join(TASKS)
+                                + f", or {LM_EVAL}TASK[,TASK] for lm-evaluation-harness tasks")))
     if task in NO_DATA_TASKS and data:
         _fail(UserError(Problem("--data", f"--task {task} does not read data", "it builds its own input; drop "
                                 "--data")))

@@ -159,6 +159,26 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
+    def update_summary(self, key: str, entries: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``entries`` into summary.json's ``key`` (an evaluation run after training adds its results
+        beside those of earlier ones: a task measured again replaces its old entry); written via a rename."""
+        summary: dict[str, Any] = json.loads(self.summary.read_text(encoding="utf-8")) if self.summary.is_file() else {}
+        block = summary.get(key)
+        summary[key] = {**(block if isinstance(block, dict) else {}), **entries}
+        tmp = self.root / f".{self.summary.name}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, self.summary)
+        return summary
+
+    @staticmethod
+    def of_model(path: str | Path) -> "RunDir | None":
+        """The run a model path belongs to: a run directory (recipe.lock.yaml and final/) or its final/; else None."""
+        p = Path(path)
+        root = p.parent if p.name == "final" else p
+        if (root / "final").is_dir() and (root / "recipe.lock.yaml").is_file() and (p == root or p == root / "final"):
+            return RunDir(root)
+        return None
+
 
 def metrics_callback(run: RunDir) -> Any:
     """A TrainerCallback that appends every log line to metrics.jsonl (main process only).

@@ -182,6 +182,26 @@ class TrainSpec(Strict):
     num_workers: int = Field(0, ge=0, description="data loader worker processes (0: load in the training process)")
 
 
+class LmEvalSpec(Strict):
+    """lm-evaluation-harness tasks run on final/ after training (``tunelab eval RUN --task lm-eval:TASK`` does the same)."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names, e.g. [arc_easy, hellaswag]; "
+                             "their data must be readable here (offline: a local copy, see docs/evaluation.md)")
+    include: str | None = Field(None, description="a folder of task YAMLs of your own, indexed besides lm-eval's (a "
+                                "relative data_files path in them is read relative to the YAML)")
+    limit: int | None = Field(None, ge=1, description="only the first N documents of each task (a quick look, not a "
+                              "comparable score)")
+    batch_size: int = Field(8, ge=1, description="requests per forward pass")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per prompt (default: each task's own)")
+
+
+class EvalSpec(Strict):
+    """Evaluation after training, besides the held-out perplexity of ``data.eval``; results go to summary.json."""
+
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-evaluation-harness tasks on final/ (needs "
+                                       "pip install \"tunelab[lm-eval]\")")
+
+
 ZERO_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
 

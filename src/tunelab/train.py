@@ -25,6 +25,7 @@ from tunelab.distributed.faults import (
 from tunelab.distributed.process_group import close_process_group, connectivity_check, deepspeed_process_group
 from tunelab.distributed.zero_checkpoint import load_universal, make_universal, resume_plan
 from tunelab.errors import Preempted, Problem, UserError
+from tunelab.eval.commands import lm_eval_scores
 from tunelab.log import say
 from tunelab.models.builtin import builtin_model
 from tunelab.models.load import is_tiny_builtin, load_model, load_tokenizer, set_stop_tokens
@@ -319,7 +320,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         summary.update(extra)
         for line in lines:
             say(line)
-    if trainer.is_world_process_zero():
+    main = trainer.is_world_process_zero()
+    if main:
         plot_metrics(run)
         run.summary.write_text(json.dumps(summary, indent=2))
         if run.final.is_dir():
@@ -327,7 +329,27 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             (run.final / "README.md").write_text(model_card(recipe, summary, report.to_dict(), template_record,
                                                             stop_names, run.lock.read_text(encoding="utf-8")),
                                                  encoding="utf-8")
-    say(f"done: {run.final}")
 
     close_process_group()
+    if recipe.eval.lm_eval is not None and main:
+        # Last, once the run is saved: a task whose data cannot be read then fails nothing but itself. It
+        # measures final/ as a user loads it (an adapter merged), after the training copy is freed.
+        if hasattr(accelerator, "free_memory"):  # accelerate's keeps references to the prepared model
+            accelerator.free_memory()
+        del trainer, model, saved, accelerator
+        free_memory()
+        summary["lm_eval"] = lm_eval_scores(str(run.final), recipe.eval.lm_eval, output=run.root)
+        run.update_summary("lm_eval", summary["lm_eval"])
+    say(f"done: {run.final}")
     return summary
+
+
+def free_memory() -> None:
+    """Give back what the objects just deleted held (their CUDA memory too), before another model loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

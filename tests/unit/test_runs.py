@@ -78,3 +78,25 @@ def test_rotation_keeps_the_newest(tmp_path):
     for step in (1, 2, 3):
         _publish(run, step, keep=2)
     assert [p.name for p in run.checkpoints()] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_update_summary_merges_into_one_key_and_keeps_the_rest(tmp_path):
+    run = RunDir(tmp_path)
+    run.summary.write_text(json.dumps({"global_step": 7, "lm_eval": {"a": {"acc": 0.5}, "b": {"acc": 0.1}}}))
+    got = run.update_summary("lm_eval", {"b": {"acc": 0.9}, "c": {"acc": 0.2}})
+    assert got == json.loads(run.summary.read_text()) == {
+        "global_step": 7, "lm_eval": {"a": {"acc": 0.5}, "b": {"acc": 0.9}, "c": {"acc": 0.2}}}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+    fresh = RunDir(tmp_path / "new")
+    fresh.root.mkdir()
+    assert fresh.update_summary("lm_eval", {"a": {}}) == {"lm_eval": {"a": {}}}
+
+
+def test_of_model_finds_the_run_of_a_run_dir_or_its_final(tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    assert RunDir.of_model(tmp_path / "run") is None  # no lock file: not a tunelab run
+    (tmp_path / "run" / "recipe.lock.yaml").write_text("{}")
+    assert RunDir.of_model(tmp_path / "run") == RunDir(tmp_path / "run")
+    assert RunDir.of_model(str(tmp_path / "run" / "final")) == RunDir(tmp_path / "run")
+    assert RunDir.of_model(tmp_path / "elsewhere") is None
+    assert RunDir.of_model("builtin:tiny-llama") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,6 +11,7 @@ from tunelab.data.formats import BadRow, to_canonical
 from tunelab.data.pipeline import encode_source
 from tunelab.data.sources import iter_rows, resolve_source
 from tunelab.errors import Problem, UserError
+from tunelab.eval import harness
 from tunelab.eval.generate import bleu, generate, rouge_l
 from tunelab.eval.kv_cache import format_kv_report, kv_cache_report
 from tunelab.eval.long_context import format_ppl_table, plot_ppl_vs_length, ppl_vs_length, text_token_ids
@@ -26,7 +28,8 @@ from tunelab.log import say
 from tunelab.models.builtin import BUILTIN_MODELS, builtin_tokenizer
 from tunelab.models.gguf import is_gguf_path
 from tunelab.models.inference import inference_tokenizer, load_for_inference, load_reward_model, resolve_model_dir
-from tunelab.specs import DataSource, DataSpec
+from tunelab.runs import RunDir
+from tunelab.specs import DataSource, DataSpec, LmEvalSpec
 
 
 def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: int, limit: int | None,
@@ -237,3 +240,64 @@ def run_generate(model_path: str, prompt: str, system: str | None, gen: dict[str
     return out
 
 
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lm_eval_scores(model_path: str, spec: LmEvalSpec, device: str = "auto",
+                   output: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Run lm-evaluation-harness tasks on a model (a run dir, its final/, an adapter: merged) and print a table.
+
+    Writes lm_eval.json (scores, lm-eval's results and task configs) into ``output``; returns
+    {task: {metric: value}}. The tasks are checked by the caller (``harness.task_problems``).
+    """
+    model, tok = load_for_inference(model_path, merge=True)
+    model = model.to(_device(device)).eval()
+    say(f"lm-eval {importlib.metadata.version('lm_eval')}: {', '.join(spec.tasks)} on {model_path}"
+        + (f" (first {spec.limit} documents of each)" if spec.limit else ""))
+    results = harness.evaluate(model, tok, spec.tasks, spec.include, spec.limit, spec.batch_size, spec.num_fewshot)
+    task_scores = harness.scores(results)
+    print(harness.format_table(task_scores))
+    if spec.limit:
+        say(f"limit {spec.limit}: scores of a subset, not comparable with published ones")
+    if output is not None:
+        kept = ("results", "groups", "versions", "n-shot", "n-samples", "higher_is_better", "configs")
+        payload: dict[str, Any] = {"model": model_path, "task": "lm-eval", **spec.model_dump(), "scores": task_scores,
+                                   **{k: results[k] for k in kept if k in results}}
+        path = Path(output) / "lm_eval.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        say(f"wrote {path}")
+    return task_scores
+
+
+def run_lm_eval(model_path: str, tasks: str, include: str | Path | None = None, limit: int | None = None,
+                batch_size: int = 8, num_fewshot: int | None = None, device: str = "auto",
+                output: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """``tunelab eval MODEL --task lm-eval:TASK[,TASK]``: check the tasks, run them, record the scores.
+
+    Everything is checked before the weights load. A run dir (or its final/) gets the scores in its
+    summary.json under ``lm_eval`` (beside those of earlier tasks).
+    """
+    names = harness.parse_tasks(tasks)
+    if batch_size < 1:
+        raise UserError(Problem("--batch-size", f"{batch_size}", "use at least 1"))
+    if limit is not None and limit < 1:
+        raise UserError(Problem("--limit", f"{limit}", "use at least 1, or leave it out (every document)"))
+    if problems := harness.task_problems(names, include, "--task", "--lm-eval-include", numbered=False):
+        raise UserError(problems)
+    spec = LmEvalSpec(tasks=names, include=str(include) if include is not None else None, limit=limit,
+                      batch_size=batch_size, num_fewshot=num_fewshot)
+    out = Path(output) if output else default_eval_dir(model_path, "lm-eval")
+    task_scores = lm_eval_scores(model_path, spec, device, out)
+    run = RunDir.of_model(model_path)
+    if run is not None:
+        run.update_summary("lm_eval", task_scores)
+        say(f"added the scores to {run.summary} (lm_eval)")
+    return task_scores

@@ -94,7 +94,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _anchor_data_paths(data: dict[str, Any], base_dir: Path) -> None:
     """Make relative data file paths relative to the recipe that names them (if the file is there).
 
-    Data sources (``data.train/eval[].source``) and a patch's ``calibration_data``.
+    Data sources (``data.train/eval[].source``), a patch's ``calibration_data`` and ``eval.lm_eval.include``.
     """
     def anchor(entry: Any, key: str) -> None:
         if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
@@ -117,6 +117,9 @@ def _anchor_data_paths(data: dict[str, Any], base_dir: Path) -> None:
     if isinstance(patches, list):
         for patch in patches:
             anchor(patch, "calibration_data")
+    evaluation = data.get("eval")
+    if isinstance(evaluation, dict):
+        anchor(evaluation.get("lm_eval"), "include")
     model = data.get("model")
     if isinstance(model, dict):  # a .gguf file or a .jinja chat template beside the recipe
         if isinstance(model.get("path"), str) and model["path"].lower().endswith(".gguf"):

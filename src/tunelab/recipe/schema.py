@@ -23,7 +23,9 @@ from tunelab.specs import (
     DataSource,
     DataSpec,
     DistributedSpec,
+    EvalSpec,
     FSDPSpec,
+    LmEvalSpec,
     LoraSpec,
     MethodBlock,
     ModelSpec,
@@ -36,9 +38,9 @@ from tunelab.specs import (
     TrainSpec,
 )
 
-__all__ = ["ZERO_STAGES", "DataSource", "DataSpec", "DistributedSpec", "FSDPSpec", "LoraSpec", "MethodSpec",
-           "ModelSpec", "PatchSpec", "PeftSpec", "PrefixSpec", "PromptSpec", "QuantizationSpec", "Recipe",
-           "RecipeModelSpec", "Strict", "TrainSpec", "registry_union"]
+__all__ = ["ZERO_STAGES", "DataSource", "DataSpec", "DistributedSpec", "EvalSpec", "FSDPSpec", "LmEvalSpec",
+           "LoraSpec", "MethodSpec", "ModelSpec", "PatchSpec", "PeftSpec", "PrefixSpec", "PromptSpec",
+           "QuantizationSpec", "Recipe", "RecipeModelSpec", "Strict", "TrainSpec", "registry_union"]
 
 
 def registry_union(registry: dict[str, type[BaseModel]], key: str, what: str) -> Any:
@@ -109,6 +111,8 @@ class Recipe(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec, description="the optimisation loop")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="how training is spread over "
                                          "processes (DDP, DeepSpeed ZeRO, FSDP2)")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="evaluation of final/ after training "
+                           "(lm-evaluation-harness tasks); results in summary.json")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -9,6 +9,8 @@
    its weights).
 6. the ``distributed:`` block: the DeepSpeed JSON is generated (or the user's is read, its ``auto``
    values filled and its conflicts with the recipe reported) -- ``tunelab.distributed.config``.
+7. the ``eval:`` block: lm-eval is installed, its include folder exists, every task name is known
+   (lm-eval's own names from a cache built once per installed version: indexing them takes seconds).
 All problems are collected and raised together. What it read comes back as a ``ResolvedRecipe``
 (the recipe, its method, every source checked and fingerprinted with its first rows, the model's
 config when read, missing model paths, notes) for ``train`` and ``plan`` to run from.
@@ -25,6 +27,7 @@ from tunelab.data.pipeline import CheckedSource, check_data, source_fingerprints
 from tunelab.data.templates import REGISTRY, TemplateMismatch, choice_of, render_with_mask
 from tunelab.distributed.config import distributed_problems
 from tunelab.errors import Problem, RecipeError, UserError
+from tunelab.eval import harness
 from tunelab.methods import method_of
 from tunelab.methods.base import Method
 from tunelab.models.gguf import gguf_problems, is_gguf_path
@@ -50,6 +53,16 @@ def report_to_problems(recipe: "Recipe") -> list[Problem]:
     return [Problem("train.report_to", f"{name} is not installed", f"pip install {name}, or remove it")
             for name in recipe.train.report_to
             if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None]
+
+
+def eval_problems(recipe: "Recipe") -> list[Problem]:
+    """The ``eval.lm_eval`` block: lm-eval installed, the include folder there, every task known to lm-eval."""
+    spec = recipe.eval.lm_eval
+    if spec is None:
+        return []
+    if not harness.installed():
+        return [Problem("eval.lm_eval", "lm-eval is not installed", f"{harness.INSTALL}, or remove eval.lm_eval")]
+    return harness.task_problems(spec.tasks, spec.include, "eval.lm_eval.tasks", "eval.lm_eval.include")
 
 
 def reward_column_problems(checked: list[CheckedSource], rewards: list[Any]) -> list[Problem]:
@@ -146,6 +159,7 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     method = method_of(recipe.method)
     problems, notes, checked = check_data(recipe, accepted_formats=method.formats)
     problems += report_to_problems(recipe)
+    problems += eval_problems(recipe)
 
     found, distributed_notes = distributed_problems(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     problems += found

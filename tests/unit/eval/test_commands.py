@@ -34,3 +34,22 @@ def test_cli_long_context_user_errors(run_cli, tmp_path):
     rc, _, err = run_cli("eval", "builtin:tiny-llama", "--task", "ppl-vs-length", "--data", "builtin:quickstart/text",
                          "--lengths", "64,512", "--max-tokens", "300")
     assert rc == 2 and "--max-tokens 300" in err and "512" in err
+
+
+def test_cli_lm_eval_user_errors_before_any_weights(run_cli, tmp_path):
+    """--task lm-eval:...: wrong options and unknown tasks exit 2 naming the option (the model is never loaded:
+    the MODEL here does not exist)."""
+    from tunelab.eval import harness
+
+    missing = tmp_path / "no-model"
+    rc, _, err = run_cli("eval", missing, "--task", "lm-eval:tinyfacts", "--data", "builtin:quickstart/sft")
+    assert rc == 2 and "--data" in err and "lm-eval tasks read their own data" in err
+    rc, _, err = run_cli("eval", missing, "--task", "passkey", "--lm-eval-include", tmp_path)
+    assert rc == 2 and "--lm-eval-include" in err
+    rc, _, err = run_cli("eval", missing, "--task", "lm-eval:")
+    assert rc == 2 and "no lm-eval task named" in err
+    rc, _, err = run_cli("eval", missing, "--task", "nope")
+    assert rc == 2 and "lm-eval:TASK" in err
+    if harness.installed():
+        rc, _, err = run_cli("eval", missing, "--task", "lm-eval:tinyfact", "--lm-eval-include", tmp_path / "x")
+        assert rc == 2 and "--lm-eval-include" in err and "is not a folder" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ before loading; rows the chat template cannot render, bad preference input, the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -425,3 +426,62 @@ def test_validate_refuses_liger_kernels_without_the_package(tmp_path, run_cli):
         rc, out, err = run_cli(command, path, "--set", "method.trl={use_liger_kernel: true}")
         assert rc == 2, (out, err)
         assert "method.trl.use_liger_kernel" in err and "liger-kernel" in err and "Traceback" not in out + err
+
+
+LM_EVAL_TASKS = Path(__file__).resolve().parents[2] / "assets" / "lm_eval"
+
+
+def _needs_lm_eval():
+    from tunelab.eval import harness
+
+    if not harness.installed():
+        if os.environ.get("CI"):
+            pytest.fail('lm-eval is not installed (pip install -e ".[dev]")')
+        pytest.skip('lm-eval is not installed (pip install "tunelab[lm-eval]")')
+
+
+def test_validate_names_an_unknown_lm_eval_task_and_then_answers_fast(tmp_path, run_cli):
+    """eval.lm_eval.tasks: a misspelt name exits 2 at validate (and at train, before loading), naming the entry
+    and the closest name. The first check indexes lm-eval's own tasks (seconds) and caches their names; the
+    next one answers under the 2 s of every other recipe error."""
+    _needs_lm_eval()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD + f"eval: {{lm_eval: {{tasks: [tinyfacts, arc_eazy], include: {LM_EVAL_TASKS}}}}}\n")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # cold: the index is built and cached here
+    for command in ("validate", "train"):
+        start = time.perf_counter()
+        rc, out, err = run_cli(command, path, env=env)
+        elapsed = time.perf_counter() - start
+        assert rc == 2, (out, err)
+        assert "eval.lm_eval.tasks[1]: unknown lm-eval task 'arc_eazy'; did you mean 'arc_easy'?" in err, err
+        assert "tinyfacts" not in err and "Traceback" not in out + err
+    assert list((tmp_path / "cache" / "tunelab").glob("lm_eval-*-tasks.json"))
+    assert elapsed < 2.0, f"took {elapsed:.2f} s with the names cached"
+
+
+def test_validate_checks_the_lm_eval_include_folder_and_installation(tmp_path, monkeypatch):
+    from tunelab.errors import RecipeError
+    from tunelab.eval import harness
+    from tunelab.recipe.validate import validate as check
+
+    _needs_lm_eval()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD + "eval: {lm_eval: {tasks: [tinyfacts], include: no_such_dir}}\n")
+    with pytest.raises(RecipeError) as exc:
+        check(path)
+    assert [p.where for p in exc.value.problems] == ["eval.lm_eval.include"]
+    monkeypatch.setattr(harness, "installed", lambda: False)
+    with pytest.raises(RecipeError) as exc:
+        check(path)
+    assert [p.where for p in exc.value.problems] == ["eval.lm_eval"]
+    assert 'pip install "tunelab[lm-eval]"' in str(exc.value)
+
+
+def test_lm_eval_include_is_relative_to_the_recipe(tmp_path):
+    """Like a data file, the include folder is found beside the recipe that names it, from any directory."""
+    from tunelab.recipe.load import load_recipe
+
+    (tmp_path / "tasks").mkdir()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(GOOD + "eval: {lm_eval: {tasks: [mine], include: tasks}}\n")
+    assert load_recipe(path).recipe.eval.lm_eval.include == str(tmp_path / "tasks")
