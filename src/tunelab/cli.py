@@ -353,6 +353,14 @@ def export_ollama(
     _guard(run_export_ollama, model, output, type_, name)
 
 
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="a run directory (train.output_dir)")]) -> None:
+    """Write RUN/report.html: plots of every logged series, eval before -> after, data counts, the recipe lock."""
+    from tunelab.report import write_report
+
+    typer.echo(_guard(write_report, run))
+
+
 @recipes_app.command("ls")
 def recipes_ls() -> None:
     """List the shipped recipes."""

@@ -35,6 +35,7 @@ from tunelab.recipe.load import load_recipe
 from tunelab.recipe.lock import read_lock_provenance, write_lock
 from tunelab.recipe.schema import Recipe
 from tunelab.recipe.validate import ResolvedRecipe, validate
+from tunelab.report import write_report
 from tunelab.runs import RunDir, checkpoint_problem, loss_summary, metrics_callback, model_card, plot_metrics
 
 if TYPE_CHECKING:
@@ -340,6 +341,11 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         free_memory()
         summary["lm_eval"] = lm_eval_scores(str(run.final), recipe.eval.lm_eval, output=run.root)
         run.update_summary("lm_eval", summary["lm_eval"])
+    if main:
+        try:  # a report that cannot be written never fails a finished run
+            say(f"report: {write_report(run.root)}")
+        except Exception as exc:  # noqa: BLE001
+            say(f"warning: report.html not written: {exc}")
     say(f"done: {run.final}")
     return summary
 

@@ -57,6 +57,9 @@ def test_quickstart_sft_learns(run_cli, quickstart_sft):
                  "final/model.safetensors", "final/tokenizer.json", "final/generation_config.json"):
         assert (out / name).exists(), name
     assert any(p.name.startswith("checkpoint-") for p in out.iterdir())
+    page = (out / "report.html").read_text(encoding="utf-8")  # written at the end of every run
+    assert page.count("src='data:image/png;base64,") >= 5 and "train length histogram" in page
+    assert sum(json.loads((out / "data_report.json").read_text())["train"][0]["length_histogram"]) == 1200
     assert any((out / "tensorboard").rglob("events.out.tfevents*"))
     assert not (out / ".staging").exists()
     report = json.loads((out / "data_report.json").read_text())

@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "tunelab"
 
 # bottom to top (DESIGN.md); a module may import from its own floor or lower ones
 FLOORS = [
-    ("tunelab", "tunelab.errors", "tunelab.log", "tunelab.runs", "tunelab.specs"),
+    ("tunelab", "tunelab.errors", "tunelab.log", "tunelab.runs", "tunelab.specs", "tunelab.report"),
     ("tunelab.data", "tunelab.distributed"),
     ("tunelab.patches",),
     ("tunelab.models", "tunelab.eval"),

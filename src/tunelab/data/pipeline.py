@@ -44,6 +44,12 @@ class SourceReport:
     tokens: int = 0
     label_tokens: int = 0
     max_tokens: int = 0
+    # rows by measured length (before any truncation): 10 equal bins over [0, max_length], then one for longer rows
+    length_histogram: list[int] = field(default_factory=lambda: [0] * 11)
+
+    def count_length(self, n: int, max_length: int) -> None:
+        self.max_tokens = max(self.max_tokens, n)
+        self.length_histogram[min(9, n * 10 // max(1, max_length)) if n <= max_length else 10] += 1
 
 
 @dataclass
@@ -83,7 +89,7 @@ def _encode_sft(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec
                 report: SourceReport) -> dict[str, Any] | None:
     max_len = data_spec.max_length
     ids, labels = encode_row(tokenizer, canonical, data_spec.train_on_prompt)
-    report.max_tokens = max(report.max_tokens, len(ids))
+    report.count_length(len(ids), max_len)
     if len(ids) > max_len:
         _overflow(where, len(ids), data_spec)
         if data_spec.on_overflow == "drop":
@@ -104,7 +110,7 @@ def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, da
     max_len = data_spec.max_length
     p, c, r = encode_pair(tokenizer, canonical)
     longest = len(p) + max(len(c), len(r))
-    report.max_tokens = max(report.max_tokens, longest)
+    report.count_length(longest, max_len)
     if longest > max_len:
         _overflow(where, longest, data_spec)
         if data_spec.on_overflow == "drop" or len(p) >= max_len:  # a prompt that fills max_length leaves no response
@@ -126,7 +132,7 @@ def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, da
 def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: "DataSpec",
                    report: SourceReport) -> dict[str, Any] | None:
     ids = encode_prompt(tokenizer, canonical["prompt"])
-    report.max_tokens = max(report.max_tokens, len(ids))
+    report.count_length(len(ids), data_spec.max_length)
     if len(ids) > data_spec.max_length:
         _overflow(where, len(ids), data_spec)
         report.dropped_overflow += 1  # truncate too: half a question has no right answer

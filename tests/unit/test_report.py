@@ -1,0 +1,66 @@
+"""RUN/report.html: the plots embedded, the counts and evals shown, everything escaped, nothing fetched."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tunelab.errors import UserError
+from tunelab.report import run_status, write_report
+
+
+def _run(tmp_path, final: bool = True):
+    root = tmp_path / "run"
+    root.mkdir()
+    rows = [{"step": s, "loss": 3.0 - s / 10, "learning_rate": 1e-4 * (1 - s / 20), "grad_norm": 1.0 + s % 3,
+             "rewards/margins": s / 7} for s in range(1, 11)]
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "recipe.lock.yaml").write_text("model: {path: builtin:tiny-llama}\nnote: '<script>alert(1)</script>'\n")
+    (root / "summary.json").write_text(json.dumps({
+        "global_step": 10, "train_loss": {"first": 2.9, "last": 2.0, "logged_steps": 10},
+        "eval_before": {"perplexity": 1633.0}, "eval_after": {"perplexity": 2.52}}))
+    (root / "data_report.json").write_text(json.dumps({
+        "max_length": 100, "on_overflow": "drop", "train_rows": 1191, "eval_rows": 0, "eval": [],
+        "train": [{"source": "data/x.jsonl", "rows": 1200, "used": 1191, "truncated": 0, "dropped_overflow": 7,
+                   "dropped_no_labels": 1, "skipped_bad": 1, "bad_examples": ["row 17: missing 'messages'"],
+                   "tokens": 5000, "label_tokens": 2000, "max_tokens": 140,
+                   "length_histogram": [5, 100, 300, 400, 200, 100, 50, 20, 10, 6, 7]}]}))
+    if final:
+        (root / "final").mkdir()
+    return root
+
+
+def test_report_has_plots_counts_evals_and_fetches_nothing(tmp_path):
+    page = write_report(_run(tmp_path)).read_text(encoding="utf-8")
+    images = re.findall(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]+'", page)
+    assert len(images) == 5  # loss, learning_rate, grad_norm, rewards/margins, the length histogram
+    for name in ("loss", "learning_rate", "grad_norm", "rewards/margins", "train length histogram"):
+        assert f"alt='{name}'" in page
+    for count in ("1200", "1191", "<td>7</td>", "row 17: missing"):
+        assert count in page
+    assert "1633" in page and "2.52" in page and "status: <b>done</b>" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page  # the lock is shown escaped
+    assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//|url\(|@import""", page)  # nothing external
+
+
+def test_status_and_not_a_run(tmp_path):
+    root = _run(tmp_path, final=False)
+    from tunelab.runs import RunDir
+
+    assert run_status(RunDir(root)) == "failed"
+    (root / "checkpoint-5").mkdir()
+    assert run_status(RunDir(root)) == "incomplete"
+    (root / "preempted.json").write_text("{}")
+    assert run_status(RunDir(root)) == "preempted"
+    with pytest.raises(UserError, match="not a tunelab run directory"):
+        write_report(tmp_path / "nothing")
+
+
+def test_report_cli(run_cli, tmp_path):
+    root = _run(tmp_path)
+    rc, stdout, _ = run_cli("report", root)
+    assert rc == 0 and (root / "report.html").is_file() and "report.html" in stdout
+    rc, _, stderr = run_cli("report", tmp_path / "nothing")
+    assert rc == 2 and "not a tunelab run directory" in stderr
