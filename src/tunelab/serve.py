@@ -496,14 +496,17 @@ def chat_loop(gen: ChatModel, conv: Conversation, req: ChatRequest, read: Callab
             continue
         req.messages = conv.messages(text)
         write("assistant> ")
-        reply = ""
+        done = None
         for item in gen.stream(req):
             if isinstance(item, Completion):
-                reply = item.text
+                done = item
             else:
                 write(item)
-        write("\n")
-        conv.add(text, reply)
+        assert done is not None
+        cut = " (cut at --max-new-tokens)" if done.finish_reason == "length" else ""
+        write(f"\n[turn {len(conv.turns) // 2 + 1}: {done.prompt_tokens} prompt tokens, "
+              f"{done.completion_tokens} reply tokens{cut}]\n")
+        conv.add(text, done.text)
 
 
 def run_chat(model_path: str, system: str | None, max_new_tokens: int, temperature: float) -> None:
