@@ -305,6 +305,32 @@ def generate_(
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="model name in /v1/models and replies (default: the run's)")] = None,
+) -> None:
+    """Serve MODEL behind an OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions (streaming too)."""
+    from tunelab.serve import run_serve
+
+    _guard(run_serve, model, host, port, name)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
+    system: Annotated[Optional[str], typer.Option(help="system message")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
+    temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+) -> None:
+    """Chat with MODEL in the terminal, replies streamed; /reset clears the history, /exit or Ctrl-D quits."""
+    from tunelab.serve import run_chat
+
+    _guard(run_chat, model, system, max_new_tokens, temperature)
+
+
+@app.command()
 def merge(
     source: Annotated[str, typer.Argument(help="a run dir or a LoRA/DoRA adapter dir")],
     output: Annotated[Path, typer.Option("-o", "--output", help="where to save the merged model")],

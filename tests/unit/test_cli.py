@@ -8,7 +8,7 @@ def test_help_is_fast_and_lists_commands(run_cli):
     rc, out, _ = run_cli("--help")
     assert time.perf_counter() - start < 2.0
     assert rc == 0
-    for cmd in ("train", "validate", "eval", "generate", "merge", "recipes", "env", "convert", "export"):
+    for cmd in ("train", "validate", "eval", "generate", "merge", "recipes", "env", "convert", "export", "serve", "chat"):
         assert cmd in out
 
 

@@ -26,7 +26,7 @@ FLOORS = [
     ("tunelab.rewards",),
     ("tunelab.methods",),
     ("tunelab.recipe",),
-    ("tunelab.train", "tunelab.plan", "tunelab.launch", "tunelab.convert"),
+    ("tunelab.train", "tunelab.plan", "tunelab.launch", "tunelab.convert", "tunelab.serve"),
     ("tunelab.cli", "tunelab.__main__"),
 ]
 LAZY_ENTRY_POINTS = {"tunelab.cli"}  # command bodies import their command's modules (see the docstring)
