@@ -246,11 +246,11 @@ class ChatModel:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        cancel = cancel or threading.Event()
+        stop_event: threading.Event = cancel or threading.Event()
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
 
         ids = self.encode(req.messages)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
@@ -282,7 +282,7 @@ class ChatModel:
                     pieces.append(tail)
                     yield tail
             finally:
-                cancel.set()  # a consumer that left early stops the generation at its next token
+                stop_event.set()  # a consumer that left early stops the generation at its next token
                 thread.join()
             if "error" in result:
                 raise result["error"]
@@ -445,6 +445,7 @@ def run_serve(model_path: str, host: str, port: int, name: str | None) -> None:
     except OSError as exc:
         raise UserError(Problem("--port", f"cannot listen on {host}:{port}: {exc}")) from None
     h, p = server.server_address[:2]
+    h = h.decode() if isinstance(h, bytes) else h
     say(f"serving {name} ({model_path}) at http://{h}:{p}/v1 (stops at token ids {gen.stop_ids}); Ctrl-C stops")
     try:
         server.serve_forever()
