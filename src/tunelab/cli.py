@@ -97,6 +97,8 @@ export_app = typer.Typer(help="Export a trained model: GGUF (llama.cpp, LM Studi
                          "MLA-converted model as a DeepSeek-V3 checkpoint.",
                          no_args_is_help=True)
 app.add_typer(export_app, name="export")
+runs_app = typer.Typer(help="The runs in a folder (ls) and how two runs differ (diff).", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a recipe key: dotted.key=value")]
 
@@ -385,6 +387,42 @@ def report(run: Annotated[Path, typer.Argument(help="a run directory (train.outp
     from tunelab.report import write_report
 
     typer.echo(_guard(write_report, run))
+
+
+@runs_app.command("ls")
+def runs_ls(where: Annotated[Path, typer.Argument(help="the folder the runs are in")] = Path("runs")) -> None:
+    """Runs with their method, base model, status, step and final metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.report import list_runs
+
+    rows = _guard(list_runs, where)
+    table = Table(*(rows[0].keys() if rows else ["run"]))
+    for row in rows:
+        table.add_row(*map(str, row.values()))
+    Console().print(table)
+
+
+@runs_app.command("diff")
+def runs_diff(a: Annotated[Path, typer.Argument(help="a run directory")],
+              b: Annotated[Path, typer.Argument(help="another run directory")]) -> None:
+    """How two runs differ: resolved recipe, library versions, data fingerprints, final metrics (only what differs)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.report import diff_runs
+
+    sections = _guard(diff_runs, a, b)
+    console = Console()
+    for title, rows in sections.items():
+        if not rows:
+            console.print(f"{title}: the same")
+            continue
+        table = Table("key", str(a), str(b), title=title)
+        for key, x, y in rows:
+            table.add_row(str(key), str(x), str(y))
+        console.print(table)
 
 
 @recipes_app.command("ls")

@@ -155,3 +155,88 @@ def write_report(root: Path | str) -> Path:
     tmp.write_text("\n".join(parts), encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+# ------------------------------------------------------------------------------ tunelab runs ls / diff
+
+def _is_run(p: Path) -> bool:
+    return (p / "recipe.lock.yaml").is_file() or (p / "metrics.jsonl").is_file()
+
+
+def _lock(run: RunDir) -> dict[str, Any]:
+    import yaml
+
+    try:
+        return yaml.safe_load(run.lock.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _final_metric(summary: dict[str, Any]) -> str:
+    after = summary.get("eval_after") or {}
+    for k, v in after.items():
+        if isinstance(v, (int, float)) and k != "tokens":
+            return f"{k} {v:.4g}"
+    return ""
+
+
+def run_row(root: Path) -> dict[str, Any]:
+    """One line of `tunelab runs ls`: name, method, base model, status, step, last train loss, eval after."""
+    run = RunDir(root)
+    lock, summary = _lock(run), _read_json(run.summary) or {}
+    loss = (summary.get("train_loss") or {}).get("last")
+    return {"run": str(root), "method": (lock.get("method") or {}).get("name", "?"),
+            "base model": (lock.get("model") or {}).get("path", "?"), "status": run_status(run),
+            "step": summary.get("global_step", ""), "train loss (last)": f"{loss:.4g}" if loss is not None else "",
+            "eval after": _final_metric(summary)}
+
+
+def list_runs(where: Path) -> list[dict[str, Any]]:
+    """The runs in ``where`` (its subfolders, two levels deep, or ``where`` itself), oldest first."""
+    if not where.is_dir():
+        raise UserError(Problem("DIR", f"{where} is not a folder", "give the folder your runs are in (default ./runs)"))
+    found = [where] if _is_run(where) else sorted(
+        {p for p in [*where.glob("*"), *where.glob("*/*")] if p.is_dir() and _is_run(p)},
+        key=lambda p: p.stat().st_mtime)
+    return [run_row(p) for p in found]
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def diff_runs(a: Path, b: Path) -> dict[str, list[tuple[str, Any, Any]]]:
+    """What differs between two runs: resolved recipe, library versions, data fingerprints, final metrics."""
+    for p in (a, b):
+        if not _is_run(p):
+            raise UserError(Problem("RUN", f"{p} is not a tunelab run directory (no recipe.lock.yaml, no "
+                                    "metrics.jsonl)", "give two train.output_dir folders"))
+    la, lb = _lock(RunDir(a)), _lock(RunDir(b))
+    meta_a, meta_b = la.pop("tunelab_lock", {}) or {}, lb.pop("tunelab_lock", {}) or {}
+
+    def data(meta: dict[str, Any]) -> dict[str, Any]:
+        return {f"{d.get('split')} {d.get('source')}": d.get("sha256") for d in meta.get("data") or []}
+
+    def versions(meta: dict[str, Any]) -> dict[str, Any]:
+        return {**(meta.get("versions") or {}), "git_sha": meta.get("git_sha")}
+
+    def metrics(root: Path) -> dict[str, Any]:
+        flat = _flatten(_read_json(RunDir(root).summary) or {})
+        return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def differ(x: dict[str, Any], y: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        return [(k, x.get(k, "-"), y.get(k, "-")) for k in sorted(set(x) | set(y), key=str) if x.get(k) != y.get(k)]
+
+    return {"recipe": differ(_flatten(la), _flatten(lb)), "library versions": differ(versions(meta_a),
+                                                                                      versions(meta_b)),
+            "data fingerprints": differ(data(meta_a), data(meta_b)), "final metrics": differ(metrics(a), metrics(b))}

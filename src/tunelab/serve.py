@@ -37,6 +37,7 @@ from typing import Any, Callable, Generator
 from tunelab.data.templates import end_of_turn_ids
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
+from tunelab.models.inference import load_for_inference
 
 DEFAULT_MAX_TOKENS = 512
 ROLES = ("system", "developer", "user", "assistant")
@@ -419,8 +420,6 @@ def make_server(gen: ChatModel, name: str, host: str = "127.0.0.1", port: int = 
 def load_generator(model_path: str) -> ChatModel:
     """The model (adapters merged) on the GPU when there is one, with the chat template it was trained with."""
     import torch
-
-    from tunelab.models.inference import load_for_inference
 
     model, tok = load_for_inference(model_path, merge=True)
     if torch.cuda.is_available():

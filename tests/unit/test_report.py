@@ -64,3 +64,39 @@ def test_report_cli(run_cli, tmp_path):
     assert rc == 0 and (root / "report.html").is_file() and "report.html" in stdout
     rc, _, stderr = run_cli("report", tmp_path / "nothing")
     assert rc == 2 and "not a tunelab run directory" in stderr
+
+
+def _lock(root, lr: float, sha: str = "aa") -> None:
+    (root / "recipe.lock.yaml").write_text(
+        "model: {path: builtin:tiny-llama}\nmethod: {name: dpo, beta: 0.1}\n"
+        f"train: {{learning_rate: {lr:.1e}, epochs: 1}}\n"
+        "tunelab_lock:\n  created: x\n  versions: {torch: 2.13.0, trl: 1.16.0}\n  git_sha: abc\n"
+        f"  data:\n  - {{split: train, source: data/x.jsonl, sha256: {sha}}}\n")
+
+
+def test_runs_ls_and_diff(tmp_path, run_cli):
+    from tunelab.report import diff_runs, list_runs
+
+    a = _run(tmp_path)
+    (tmp_path / "b").mkdir()
+    b = _run(tmp_path / "b", final=False)
+    _lock(a, 1e-4)
+    _lock(b, 5e-5, sha="bb")
+    summary = json.loads((b / "summary.json").read_text())
+    summary["train_loss"]["last"] = 1.5
+    (b / "summary.json").write_text(json.dumps(summary))
+    rows = {r["run"]: r for r in list_runs(tmp_path)}
+    assert rows[str(a)]["status"] == "done" and rows[str(b)]["status"] == "failed"
+    assert rows[str(a)]["method"] == "dpo" and rows[str(a)]["train loss (last)"] == "2"
+    assert rows[str(a)]["eval after"] == "perplexity 2.52"
+    diff = diff_runs(a, b)
+    assert diff["recipe"] == [("train.learning_rate", 1e-4, 5e-5)]  # only what differs: not epochs, not beta
+    assert diff["data fingerprints"] == [("train data/x.jsonl", "aa", "bb")] and diff["library versions"] == []
+    assert ("train_loss.last", 2.0, 1.5) in diff["final metrics"]
+    assert all(k != "global_step" for k, _, _ in diff["final metrics"])
+    rc, stdout, _ = run_cli("runs", "diff", a, b)
+    assert rc == 0 and "learning_rate" in stdout and "epochs" not in stdout
+    rc, stdout, _ = run_cli("runs", "ls", tmp_path)
+    assert rc == 0 and "dpo" in stdout and "done" in stdout
+    rc, _, stderr = run_cli("runs", "diff", a, tmp_path / "nothing")
+    assert rc == 2 and "not a tunelab run directory" in stderr
