@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from tunelab.errors import Preempted, Problem, UserError
+from tunelab.errors import Preempted, Problem, TrainingStopped, UserError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -109,6 +109,9 @@ def _fail(exc: BaseException) -> None:
         raise typer.Exit(2)
     if isinstance(exc, Preempted):  # stopped at a checkpoint, to be run again
         typer.echo(str(exc), err=True)
+        raise typer.Exit(exc.exit_code)
+    if isinstance(exc, TrainingStopped):  # diverged, non-finite, degraded: its own exit code, no traceback
+        typer.echo(f"error ({exc.status}): {exc}", err=True)
         raise typer.Exit(exc.exit_code)
     if os.environ.get("TUNELAB_DEBUG"):
         raise exc

@@ -50,6 +50,38 @@ class Preempted(Exception):
     exit_code = 75
 
 
+class TrainingStopped(Exception):
+    """Training stopped itself because what it was producing cannot be trusted; the last complete checkpoint is kept.
+
+    Each kind has its own exit code and run status (``summary.json``'s ``status``, ``tunelab runs ls``): a
+    script, a scheduler or a sweep tells a diverged run from a crash (1), a recipe error (2) or a preemption (75).
+    """
+
+    exit_code = 3
+    status = "stopped"
+
+
+class Diverged(TrainingStopped):
+    """The training loss left its running band (``train.on_divergence: stop``); ``final/`` is not written."""
+
+    exit_code = 3
+    status = "diverged"
+
+
+class Degraded(TrainingStopped):
+    """Training finished, but held-out evaluation after it is far worse than before (``final/`` is written)."""
+
+    exit_code = 5
+    status = "degraded"
+
+
+class NonFinite(TrainingStopped):
+    """A loss or gradient became NaN/inf (``train.on_nonfinite: stop``)."""
+
+    exit_code = 4
+    status = "nonfinite"
+
+
 class RecipeError(UserError):
     """Problems found in a recipe before any weights load."""
 

@@ -24,15 +24,20 @@ _SKIP = {"step", "epoch", "total_flos", "train_runtime", "train_samples_per_seco
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}pre{background:#f7f7f7;padding:1em;"
-        "overflow:auto;font-size:12px}.plots{display:flex;flex-wrap:wrap;gap:8px}.plots img{width:360px}")
+        "overflow:auto;font-size:12px}.warn{background:#fff3cd;padding:.5em}.plots{display:flex;flex-wrap:wrap;gap:8px}.plots img{width:360px}")
 
 
 def run_status(run: RunDir) -> str:
-    """done | preempted | incomplete (checkpoints, no final/) | failed (nothing saved) | not started."""
+    """done | degraded | diverged | nonfinite | preempted | incomplete (checkpoints, no final/) | failed (nothing
+    saved) | not started; "done (warnings)" when a finished run was marked (train.on_divergence: warn)."""
     if (run.root / "preempted.json").is_file():
         return "preempted"
+    summary = json.loads(run.summary.read_text()) if run.summary.is_file() else {}
+    status = summary.get("status")
+    if status and status != "done":
+        return str(status)
     if run.final.is_dir() and run.summary.is_file():
-        return "done"
+        return "done (warnings)" if summary.get("warnings") else "done"
     if run.last_checkpoint() is not None:
         return "incomplete"
     return "failed" if run.metrics.is_file() else "not started"
@@ -120,6 +125,10 @@ def write_report(root: Path | str) -> Path:
              f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(run.root.name)}</h1>",
              f"<p>status: <b>{status}</b>; global step {html.escape(str(summary.get('global_step', '?')))}; "
              f"processes {html.escape(str(summary.get('processes', '?')))}</p>"]
+    if summary.get("stopped"):  # diverged, non-finite: why the run stopped
+        parts.append(f"<p class='warn'><b>stopped:</b> {html.escape(str(summary['stopped']))}</p>")
+    for warning in summary.get("warnings") or []:  # on_divergence: warn, or a far worse held-out evaluation
+        parts.append(f"<p class='warn'><b>warning:</b> {html.escape(str(warning))}</p>")
     finals = [[k, v.get("first"), v.get("last"), v.get("logged_steps")] for k, v in summary.items()
               if isinstance(v, dict) and {"first", "last"} <= set(v)]
     if finals:

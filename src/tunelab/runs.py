@@ -184,7 +184,8 @@ def metrics_callback(run: RunDir) -> Any:
     """A TrainerCallback that appends every log line to metrics.jsonl (main process only).
 
     On resume, lines past the checkpoint's step are dropped first, so the file describes one
-    continuous run.
+    continuous run, and a line ``{"step": N, "event": "resumed"}`` records where it was picked up (a
+    run that silently started over would have no such line).
     """
     from transformers import TrainerCallback
 
@@ -192,6 +193,8 @@ def metrics_callback(run: RunDir) -> Any:
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero and run.metrics.is_file():
                 kept = [m for m in run.read_metrics() if m.get("step", 0) <= state.global_step]
+                if state.global_step > 0:
+                    kept.append({"step": state.global_step, "epoch": state.epoch, "event": "resumed"})
                 run.metrics.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:

@@ -148,6 +148,28 @@ class DataSpec(Strict):
     seed: int = Field(42, description="seed of the mixture sampling, the eval_split and the shuffle")
 
 
+class DivergenceSpec(Strict):
+    """When a loss counts as diverging (``train.on_divergence``): the rule and its two numbers.
+
+    The watched value is the logged training loss (transformers logs the mean over each ``logging_steps``
+    window, so it is already smoothed; PPO logs the mean loss of its step). With ``first`` the first logged
+    value and ``best`` the lowest so far, a logged value is out of band when
+
+        loss > best + factor * |first|
+
+    i.e. the loss climbed back above its best by more than ``factor`` times where it started. The run
+    diverges when ``patience`` logged values in a row are out of band (one noisy batch is not a divergence).
+    A loss that sinks towards 0 (DPO on easy pairs) keeps a band the size of its start, so small wobbles near
+    0 never trip it; a run at a learning rate that blows up (quickstart at 0.99: 7.4 -> 95+) trips it within a
+    few logs.
+    """
+
+    factor: float = Field(2.0, gt=0, description="out of band: loss > best so far + factor x |first logged loss|")
+    patience: int = Field(3, ge=1, description="logged values in a row out of band before the run counts as diverged")
+    eval_factor: float = Field(10.0, gt=1, description="held-out perplexity after training above this many times the "
+                               "perplexity before (measured when evaluation runs before training) marks the run")
+
+
 class TrainSpec(Strict):
     """The optimisation loop: shared by every method."""
 
@@ -163,6 +185,12 @@ class TrainSpec(Strict):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a step whose loss or gradient is NaN/inf: stop (naming the step; the last checkpoint is "
         "kept and final/ is not written) or skip its update (counted in summary.json)")
+    on_divergence: Literal["stop", "warn", "off"] = Field(
+        "stop", description="a training loss that leaves its running band (train.divergence): stop (exit 3, naming the "
+        "step; the last checkpoint is kept, final/ is not written), warn (train on; marked in summary.json and "
+        "report.html) or off. A held-out perplexity eval_factor x worse after training than before is marked too (stop: "
+        "exit 5, status degraded, final/ kept)")
+    divergence: DivergenceSpec = Field(default_factory=DivergenceSpec, description="the divergence rule's numbers")
     optim: str = Field("adamw_torch", description="optimizer name, as transformers' TrainingArguments.optim takes it")
     batch_size: int = Field(8, ge=1, description="per-device micro batch")
     grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step; the global batch is "

@@ -16,15 +16,16 @@ from tunelab.data.templates import choice_of
 from tunelab.distributed.config import zero_stage
 from tunelab.distributed.faults import (
     PREEMPTED_FILE,
+    DivergenceGuard,
+    Guards,
     NonFiniteGuard,
     PreemptionGuard,
-    fault_callbacks,
     start_watchdog,
     write_preempted,
 )
 from tunelab.distributed.process_group import close_process_group, connectivity_check, deepspeed_process_group
 from tunelab.distributed.zero_checkpoint import load_universal, make_universal, resume_plan
-from tunelab.errors import Preempted, Problem, UserError
+from tunelab.errors import Degraded, Preempted, Problem, TrainingStopped, UserError
 from tunelab.eval.commands import lm_eval_scores
 from tunelab.log import say
 from tunelab.models.builtin import builtin_model
@@ -34,6 +35,7 @@ from tunelab.patches import apply_patches
 from tunelab.recipe.load import load_recipe
 from tunelab.recipe.lock import read_lock_provenance, write_lock
 from tunelab.recipe.schema import Recipe
+from tunelab.methods.base import RunHooks
 from tunelab.recipe.validate import ResolvedRecipe, validate
 from tunelab.report import write_report
 from tunelab.runs import RunDir, checkpoint_problem, loss_summary, metrics_callback, model_card, plot_metrics
@@ -245,13 +247,13 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     if recipe.distributed.strategy.startswith("zero") and not method.owns_checkpointing:  # HF's Trainer
 
         deepspeed_process_group()
-    preemption, nonfinite = PreemptionGuard().install(), NonFiniteGuard(recipe.train.on_nonfinite)
+    t = recipe.train
+    guards = Guards(PreemptionGuard().install(), NonFiniteGuard(t.on_nonfinite),
+                    DivergenceGuard(t.on_divergence, t.divergence.factor, t.divergence.patience, method.divergence_metric))
+    preemption = guards.preemption
     (run.root / PREEMPTED_FILE).unlink(missing_ok=True)
-    callbacks = [metrics_callback(run), *fault_callbacks(preemption, nonfinite)]
-    trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, callbacks)
-    if hasattr(trainer, "faults"):  # a trainer of our own (PPO) runs its loop itself: it takes the guards
-        trainer.faults = (preemption, nonfinite)
-    accelerator = trainer.accelerator  # transformers' Trainer and our PPO trainer both have one
+    trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, RunHooks([metrics_callback(run)], guards))
+    accelerator = trainer.accelerator
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"launched as {launched} processes, but the trainer sees {accelerator.num_processes} "
@@ -279,6 +281,17 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         say("no complete checkpoint to resume from: starting fresh")
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except TrainingStopped as exc:  # diverged or non-finite: the last complete checkpoint stays, no final/
+        if trainer.is_world_process_zero():
+            summary.update(status=exc.status, stopped=str(exc), global_step=trainer.state.global_step)
+            run.summary.write_text(json.dumps(summary, indent=2))
+            plot_metrics(run)
+            try:
+                write_report(run.root)
+            except Exception:  # noqa: BLE001 -- the report never hides why the run stopped
+                pass
+        close_process_group()
+        raise
     finally:
         preemption.uninstall()
         if watchdog is not None:
@@ -290,12 +303,19 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         close_process_group()
         raise Preempted(f"preempted: stopped at step {step} with a complete checkpoint ({last}); "
                         f"continue with: tunelab train {recipe_path} --resume auto")
-    if nonfinite.skipped:
-        summary["nonfinite_skipped_steps"] = nonfinite.skipped
-        say(f"skipped {len(nonfinite.skipped)} update(s) with a non-finite gradient: step(s) "
-            f"{', '.join(map(str, nonfinite.skipped[:20]))}{' ...' if len(nonfinite.skipped) > 20 else ''}")
+    skipped = guards.nonfinite.skipped
+    if skipped:
+        summary["nonfinite_skipped_steps"] = skipped
+        say(f"skipped {len(skipped)} update(s) with a non-finite gradient: step(s) "
+            f"{', '.join(map(str, skipped[:20]))}{' ...' if len(skipped) > 20 else ''}")
+    warnings: list[str] = []
+    degraded = False  # held-out evaluation far worse after training than before, under on_divergence: stop
+    if guards.divergence.events:  # on_divergence: warn
+        summary["divergence"] = guards.divergence.events
+        warnings.append(f"the training loss left its band {len(guards.divergence.events)} time(s) (first at step "
+                        f"{guards.divergence.events[0]['step']}; train.on_divergence: warn)")
 
-    saved = getattr(trainer, "saved_model", None) or trainer.model  # our PPO trainer saves its policy
+    saved = method.trained_model(trainer)
     stops = set_stop_tokens(saved, tokenizer)  # a PeftModel passes generation_config through to its base
     trainer.save_model(str(run.final))
     if trainer.is_world_process_zero():
@@ -321,6 +341,14 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         summary.update(extra)
         for line in lines:
             say(line)
+        if t.on_divergence != "off" and (worse := method.degradation(before, after, t.divergence.eval_factor)):
+            warnings.append(worse)
+            degraded = t.on_divergence == "stop"
+    summary["status"] = Degraded.status if degraded else "done"
+    if warnings:
+        summary["warnings"] = warnings
+        for w in warnings:
+            say(f"warning: {w}")
     main = trainer.is_world_process_zero()
     if main:
         plot_metrics(run)
@@ -335,8 +363,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     if recipe.eval.lm_eval is not None and main:
         # Last, once the run is saved: a task whose data cannot be read then fails nothing but itself. It
         # measures final/ as a user loads it (an adapter merged), after the training copy is freed.
-        if hasattr(accelerator, "free_memory"):  # accelerate's keeps references to the prepared model
-            accelerator.free_memory()
+        accelerator.free_memory()  # accelerate's keeps references to the prepared model
         del trainer, model, saved, accelerator
         free_memory()
         summary["lm_eval"] = lm_eval_scores(str(run.final), recipe.eval.lm_eval, output=run.root)
@@ -346,7 +373,11 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             say(f"report: {write_report(run.root)}")
         except Exception as exc:  # noqa: BLE001
             say(f"warning: report.html not written: {exc}")
-    say(f"done: {run.final}")
+    if degraded:
+        raise Degraded(f"finished, but {warnings[-1]}: final/ is written ({run.final}) and the run is marked "
+                       "degraded (status in summary.json); lower train.learning_rate or check the data, or set "
+                       "train.on_divergence: warn to accept such a run")
+    say(f"done{' with warnings' if warnings else ''}: {run.final}")
     return summary
 
 

@@ -9,6 +9,11 @@
   a NaN/inf stops the run naming the step (``train.on_nonfinite: stop``, the default), or the update is
   skipped and counted (``skip``: the gradients are dropped, so AdamW leaves weights and moments alone).
   A stopped run keeps its last checkpoint and never writes ``final/``.
+- **Divergence.** Every logged training loss is held against its running band (``train.divergence``, the
+  rule in ``specs.DivergenceSpec``): ``patience`` values in a row above ``best + factor * |first|`` stop
+  the run naming the step and the figures (``train.on_divergence: stop``, the default: exit 3, the last
+  checkpoint kept, no ``final/``), or are reported and marked in ``summary.json`` (``warn``). Every rank sees
+  the same logged loss (it is averaged over ranks), so every rank stops at the same log.
 - **A rank that hangs** (alive, but never arriving at a collective): a watchdog thread on every rank
   publishes its collective sequence number to the group's store; when a rank's collectives stop moving for
   ``TUNELAB_HANG_DUMP_S`` (default: half the collective timeout), every rank writes its Python stack to
@@ -19,16 +24,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunelab.distributed.process_group import COLLECTIVE_TIMEOUT_ENV
-from tunelab.errors import Preempted
+from tunelab.errors import Diverged, NonFinite, Preempted
 from tunelab.log import say
 
 REQUEUE_EXIT = Preempted.exit_code  # 75, EX_TEMPFAIL: stopped for now, run it again
@@ -36,7 +43,7 @@ PREEMPTED_FILE = "preempted.json"
 HANG_DUMP_ENV = "TUNELAB_HANG_DUMP_S"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(NonFinite):
     """A loss or gradient became NaN/inf and ``train.on_nonfinite`` is ``stop``."""
 
 
@@ -113,38 +120,154 @@ class NonFiniteGuard:
         self.mode = mode
         self.skipped: list[int] = []
 
+    def _stop(self, step: int, what: str) -> NonFiniteError:
+        return NonFiniteError(
+            f"step {step}: {what} is not finite (nan/inf); training stopped before the update, final/ was not written "
+            "and the last checkpoint is as it was (lower train.learning_rate, check the data of this step, or set "
+            "train.on_nonfinite: skip to drop such steps)")
+
     def check(self, params: list[Any], step: int) -> bool:
         """True when the optimizer may step; False when the update was dropped (skip); raises on stop."""
         if grads_finite(params):
             return True
         if self.mode == "stop":
-            raise NonFiniteError(
-                f"step {step}: the loss or a gradient is not finite (nan/inf); training stopped before the update, "
-                "final/ was not written and the last checkpoint is as it was (lower train.learning_rate, check the "
-                "data of this step, or set train.on_nonfinite: skip to drop such steps)")
+            raise self._stop(step, "the loss or a gradient")
         for p in params:
             p.grad = None  # AdamW skips a parameter without a gradient: no update, no moment change
-        self.skipped.append(step)
-        say(f"step {step}: non-finite gradient, update skipped ({len(self.skipped)} so far; train.on_nonfinite: skip)")
+        self.skip(step)
         return False
 
+    def check_loss(self, loss: Any, step: int) -> bool:
+        """Before backward: True when the loss is finite; False to skip the step (skip); raises on stop.
 
-def fault_callbacks(preemption: PreemptionGuard, nonfinite: NonFiniteGuard) -> list[Any]:
-    """TrainerCallbacks for transformers' Trainer: the preemption checkpoint and the non-finite check."""
+        Where the gradients are not ours to look at before the update (DeepSpeed's engine steps inside
+        backward), a non-finite loss is caught here, before any weight moves.
+        """
+        import torch
+
+        if bool(torch.isfinite(loss.detach()).all()):
+            return True
+        if self.mode == "stop":
+            raise self._stop(step, "the loss")
+        self.skip(step)
+        return False
+
+    def check_grad_norm(self, norm: Any, step: int) -> None:
+        """After an update whose gradients only the engine saw (DeepSpeed ZeRO): its global norm must be finite.
+
+        The update has happened; stopping here still keeps the last checkpoint and writes no final/ (``skip``
+        cannot undo it, which is why validate refuses ``on_nonfinite: skip`` under ZeRO).
+        """
+        if norm is not None and not math.isfinite(float(norm)):
+            raise NonFiniteError(f"step {step}: the gradient norm is {float(norm)} (DeepSpeed's global norm, after its "
+                                 "update): training stopped, final/ was not written and the last checkpoint is as it "
+                                 "was (lower train.learning_rate or check the data of this step)")
+
+    def skip(self, step: int) -> None:
+        if self.skipped and self.skipped[-1] == step:
+            return  # another minibatch of the same step (PPO)
+        self.skipped.append(step)
+        say(f"step {step}: non-finite gradient, update skipped ({len(self.skipped)} so far; train.on_nonfinite: skip)")
+
+
+class DivergenceGuard:
+    """``train.on_divergence``: the logged loss held against its running band (the rule: ``specs.DivergenceSpec``)."""
+
+    def __init__(self, mode: str, factor: float, patience: int, metric: str | None = "loss") -> None:
+        self.mode, self.factor, self.patience, self.metric = mode, factor, patience, metric
+        self.first: float | None = None
+        self.best = math.inf
+        self.out: list[tuple[int, float]] = []  # the logged values in a row above the band: (step, loss)
+        self.events: list[dict[str, Any]] = []  # divergences seen under warn, for summary.json
+
+    def band(self) -> float:
+        """The highest loss still in band: the best so far plus ``factor`` times the first logged loss's size."""
+        assert self.first is not None
+        return self.best + self.factor * abs(self.first)
+
+    def observe(self, step: int, logs: dict[str, Any]) -> None:
+        """One logged row; raises ``Diverged`` (stop) or records the event (warn) once the loss left its band."""
+        value = logs.get(self.metric) if self.metric else None
+        if self.mode == "off" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        value = float(value)
+        if not math.isfinite(value):
+            return  # the non-finite guard's case
+        if self.first is None:
+            self.first = value
+        if value <= self.band():
+            self.out = []
+        else:
+            self.out.append((step, value))
+        self.best = min(self.best, value)
+        if len(self.out) < self.patience:
+            return
+        seen = ", ".join(f"{v:.4g} at step {s}" for s, v in self.out)
+        what = (f"step {step}: the training {self.metric} diverged: {seen}, each above its band "
+                f"{self.band():.4g} = best {self.best:.4g} + {self.factor:g} x |first {self.first:.4g}|")
+        self.events.append({"step": step, "values": [v for _, v in self.out], "band": self.band(), "best": self.best,
+                            "first": self.first, "factor": self.factor, "patience": self.patience})
+        self.out = []
+        if self.mode == "stop":
+            raise Diverged(f"{what}; training stopped: the last complete checkpoint is kept and final/ was not written "
+                           "(lower train.learning_rate, add train.warmup_ratio or lower train.max_grad_norm; "
+                           "train.on_divergence: warn trains on, train.divergence.factor/patience widen the band)")
+        say(f"warning: {what} (train.on_divergence: warn: training goes on)")
+
+
+@dataclass
+class Guards:
+    """The fault guards of one run, handed to whichever trainer the method builds (``methods.base``)."""
+
+    preemption: PreemptionGuard
+    nonfinite: NonFiniteGuard
+    divergence: DivergenceGuard = field(default_factory=lambda: DivergenceGuard("off", 1.0, 1))
+
+    def callbacks(self) -> list[Any]:
+        """transformers TrainerCallbacks that run the guards inside transformers' (and TRL's) Trainer loop."""
+        return fault_callbacks(self)
+
+
+def fault_callbacks(guards: Guards) -> list[Any]:
+    """TrainerCallbacks for transformers' Trainer: the preemption checkpoint, the non-finite and divergence checks,
+    and the resume position said out loud."""
     from transformers import TrainerCallback
 
     class Faults(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None, **kw: Any) -> None:
+            if state.global_step > 0:  # transformers has loaded a checkpoint's state: where the run goes on
+                say(resume_position(state.global_step, state.max_steps, state.epoch,
+                                    len(train_dataloader) if train_dataloader is not None else None,
+                                    args.gradient_accumulation_steps))
+
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             if model is not None:  # after clipping, before the update; DDP gradients are already averaged
-                nonfinite.check([p for p in model.parameters() if p.requires_grad], state.global_step + 1)
+                guards.nonfinite.check([p for p in model.parameters() if p.requires_grad], state.global_step + 1)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            guards.divergence.observe(state.global_step, logs or {})
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step < state.max_steps and preemption.requested():
-                preemption.stopped_at = state.global_step
+            if state.global_step < state.max_steps and guards.preemption.requested():
+                guards.preemption.stopped_at = state.global_step
                 control.should_save = True
                 control.should_training_stop = True
 
     return [Faults()]
+
+
+def resume_position(step: int, max_steps: int, epoch: float | None, batches_per_epoch: int | None,
+                    grad_accum: int) -> str:
+    """The line a resumed run says: the step it continues from and where in the data it picks up."""
+    line = f"resumed at step {step} of {max_steps}"
+    if epoch is not None:
+        line += f" (epoch {epoch:.3f})"
+    if batches_per_epoch:
+        updates = max(-(-batches_per_epoch // grad_accum), 1)  # transformers' count: a last partial group is a step
+        done, into = divmod(step, updates)
+        line += (f"; data: epoch {done + 1}, continuing after micro-batch {into * grad_accum} of {batches_per_epoch} "
+                 "(the earlier ones are skipped, in the uncut run's seeded order)")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------- hangs

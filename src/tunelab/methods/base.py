@@ -6,7 +6,10 @@ data it takes, how it is checked, what memory it needs, and how it trains, evalu
 reports. ``METHODS`` (``methods/__init__.py``) maps the recipe's ``method.name`` to that object.
 Shared code asks the object; it never compares method names, probes for attributes or imports a
 method's module by name. Methods on a TRL trainer subclass ``TRLMethod``, which builds the TRL
-config from the recipe in one way for all of them and owns one list of the fields tunelab sets.
+config from the recipe in one way for all of them: every field tunelab sets comes with the recipe key
+that decides it (``methods.common.training_fields`` + the method's ``trl_fields``), and ``method.trl``
+setting one of those is an error naming that key. What ``train.py`` asks of the trainer a method builds
+is ``MethodTrainer``; what it hands the trainer is ``RunHooks``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import dataclasses
 import importlib.util
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
+from tunelab.distributed.faults import Guards
 from tunelab.errors import Problem, closest
-from tunelab.methods.common import training_arguments
+from tunelab.methods.common import Owned, Setting, training_fields
 from tunelab.specs import MethodBlock
 
 if TYPE_CHECKING:
@@ -41,6 +45,40 @@ class MemoryTerms:
     full_logits: bool = True  # False: the LM head's logits are never materialised whole (sft's fused head)
 
 
+class MethodTrainer(Protocol):
+    """What ``train.py`` asks of the trainer a method builds: transformers' (and TRL's) ``Trainer`` meets it as it
+    is; a trainer of our own (PPO) implements it. Nothing else is asked of a trainer, and nothing is probed."""
+
+    accelerator: Any  # accelerate's Accelerator: process count, distributed type, barriers
+    state: Any  # global_step (transformers' TrainerState, or the same field on our own)
+    model: Any  # the model as the trainer holds it
+
+    def train(self, resume_from_checkpoint: str | None = None) -> Any:
+        """Train to the end (from a complete checkpoint when given), running the run's hooks."""
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Write the trained model (or adapter) to ``output_dir`` in HF format."""
+
+    def is_world_process_zero(self) -> bool:
+        """Whether this is the process that writes the run's files."""
+
+
+@dataclass
+class RunHooks:
+    """What ``train.py`` hands every trainer it asks a method to build: the run's callbacks and its fault guards.
+
+    A transformers/TRL trainer takes ``trainer_callbacks()``; a trainer of our own calls the callbacks'
+    ``on_train_begin``/``on_log`` and runs the guards itself.
+    """
+
+    callbacks: list[Any]  # transformers TrainerCallbacks of the run (metrics.jsonl)
+    guards: Guards
+
+    def trainer_callbacks(self) -> list[Any]:
+        """The callbacks plus the guards as transformers callbacks (preemption, non-finite, divergence)."""
+        return [*self.callbacks, *self.guards.callbacks()]
+
+
 B = TypeVar("B", bound=MethodBlock)
 
 
@@ -53,6 +91,8 @@ class Method(Generic[B]):
     eval_before: ClassVar[bool] = False  # held-out evaluation also runs on the starting model (its report compares)
     owns_checkpointing: ClassVar[bool] = False  # its own trainer saves, checks and resumes checkpoints (not HF's)
     refused_strategies: ClassVar[dict[str, str]] = {}  # distributed.strategy -> why this method cannot run under it
+    # the logged value the divergence guard watches (train.on_divergence); None: no logged value means divergence
+    divergence_metric: ClassVar[str | None] = "loss"
 
     def block(self, recipe: Recipe) -> B:
         """The recipe's method block, typed as this method's."""
@@ -90,9 +130,23 @@ class Method(Generic[B]):
         return MemoryTerms(rows=recipe.train.batch_size, tokens=tokens)
 
     def build_trainer(self, recipe: Recipe, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
-                      callbacks: list[Any]) -> Any:
-        """The trainer (transformers' ``Trainer`` interface: ``train``, ``save_model``, ``state``, ``accelerator``)."""
+                      hooks: RunHooks) -> MethodTrainer:
+        """The trainer, running ``hooks`` (the run's callbacks and fault guards) in its loop."""
         raise NotImplementedError
+
+    def trained_model(self, trainer: Any) -> Any:
+        """The model ``trainer.save_model`` writes to final/ (train.py sets its stop tokens): the trainer's model."""
+        return trainer.model
+
+    def degradation(self, before: dict[str, Any] | None, after: dict[str, Any], factor: float) -> str | None:
+        """Why held-out evaluation after training is far worse than before (``factor`` x the perplexity), or None."""
+        if not before or "perplexity" not in before or "perplexity" not in after:
+            return None
+        b, a = float(before["perplexity"]), float(after["perplexity"])
+        if a == a and a <= factor * b:  # (a NaN perplexity is worse than any)
+            return None
+        return (f"held-out perplexity rose from {b:.4g} before training to {a:.4g} after ({a / b:.3g}x, more than "
+                f"train.divergence.eval_factor {factor:g}x)")
 
     def evaluate(self, model: Any, eval_ds: Any, recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
         """Held-out numbers of ``model`` on ``eval_ds`` (before and after training)."""
@@ -105,21 +159,12 @@ class Method(Generic[B]):
 
 
 class TRLBlock(MethodBlock):
-    """Base of the blocks of methods on a TRL trainer: the ``trl`` pass-through."""
+    """Base of the blocks of methods on a TRL trainer: the ``trl`` pass-through (declared here only)."""
 
     trl: dict[str, Any] = Field(default_factory=dict, description="extra fields of the method's TRL config "
-                                "(SFTConfig, DPOConfig, ...), validated before training")
-
-
-# TrainingArguments fields tunelab sets from train:, model: and data:, for every TRL method. Setting one
-# in method.trl would fight the recipe; the method's own fields (``trl_fields``) are owned as well.
-OWNED_TRL_FIELDS = frozenset({
-    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "bf16", "fp16", "gradient_checkpointing", "activation_checkpointing",
-    "report_to", "logging_steps", "save_steps", "save_total_limit", "dataset_kwargs",
-})
-# generated from the distributed: block
-DISTRIBUTED_TRL_FIELDS = ("deepspeed", "fsdp", "fsdp_config", "accelerator_config")
+                                "(SFTConfig, RewardConfig, DPOConfig, GRPOConfig), validated before training; a field "
+                                "the recipe decides elsewhere (train.*, model.*, data.*, distributed.*, method.*) is "
+                                "an error naming that key")
 
 
 TB = TypeVar("TB", bound="TRLBlock")
@@ -132,33 +177,39 @@ class TRLMethod(Method[TB]):
         """The TRL config class (imports TRL)."""
         raise NotImplementedError
 
-    def trl_fields(self, recipe: Recipe) -> dict[str, Any]:
-        """The TRL config fields the method sets from its block and the recipe (they are owned by tunelab)."""
+    def trl_fields(self, recipe: Recipe) -> dict[str, Setting]:
+        """The TRL config fields the method sets from its block and the recipe, each with the key that decides it."""
         return {}
+
+    def trl_settings(self, recipe: Recipe) -> dict[str, Setting]:
+        """Every field tunelab sets in the method's TRL config: TrainingArguments' and the method's own."""
+        return {**training_fields(recipe), **self.trl_fields(recipe)}
 
     def trl_passthrough(self, recipe: Recipe) -> dict[str, Any]:
         return dict(self.block(recipe).trl)
 
     def trl_config(self, recipe: Recipe, **extra: Any) -> Any:
         """The TRL config of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
-        kwargs = training_arguments(recipe)
-        kwargs.update(self.trl_fields(recipe))
-        kwargs.update(self.trl_passthrough(recipe))
+        kwargs = {name: f.value for name, f in self.trl_settings(recipe).items()}
+        kwargs.update(self.trl_passthrough(recipe))  # validate refused every owned field in it
         kwargs.update(extra)
         return self.trl_config_class()(**kwargs)
 
     def trl_problems(self, recipe: Recipe) -> list[Problem]:
         """Build the TRL config the way training will, and report what it rejects."""
         trl = self.trl_passthrough(recipe)
-        owned = OWNED_TRL_FIELDS | set(self.trl_fields(recipe))
+        settings = self.trl_settings(recipe)
         problems = []
         for key in trl:
-            if key in DISTRIBUTED_TRL_FIELDS:
-                problems.append(Problem(f"method.trl.{key}", "is generated by tunelab from the distributed: block",
-                                        "use distributed.strategy / offload / deepspeed_config instead"))
-            elif key in owned:
-                problems.append(Problem(f"method.trl.{key}", "is set by tunelab from the recipe",
-                                        "use the recipe's own key (train.*, data.*, model.*, method.*) instead"))
+            owned = settings.get(key)
+            if not isinstance(owned, Owned):
+                continue
+            if owned.key.startswith("tunelab:"):
+                problems.append(Problem(f"method.trl.{key}", f"is fixed by tunelab ({owned.key[len('tunelab:'):].strip()})",
+                                        "remove it from method.trl"))
+            else:
+                problems.append(Problem(f"method.trl.{key}", f"is decided by the recipe's {owned.key} (method.trl would "
+                                        f"silently override it)", f"set {owned.key} instead"))
         if trl.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
             # the Trainer would raise ImportError only after the weights are loaded
             problems.append(Problem("method.trl.use_liger_kernel", "needs the liger-kernel package, which is not "

@@ -27,8 +27,8 @@ from pydantic import Field, model_validator
 
 from tunelab.data.collate import pad_right
 from tunelab.eval.progress import progress
-from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
-from tunelab.methods.common import atomic_checkpoints
+from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
+from tunelab.methods.common import Default, Owned, Setting, guarded_trainer
 from tunelab.models.load import frozen_reference
 from tunelab.specs import ModelRef
 
@@ -56,7 +56,6 @@ class DPOBlock(TRLBlock):
                                   "starting weights (with PEFT: the base with adapters disabled)")
     precompute_ref_log_probs: bool = Field(False, description="score the data with the reference once, up front, "
                                            "and drop the reference from memory")
-    trl: dict[str, Any] = Field(default_factory=dict, description="extra DPOConfig fields, validated before training")
 
     def model_refs(self) -> list[ModelRef]:
         return [ModelRef("method.reference", self.reference, "reference", "causal")] if self.reference else []
@@ -179,16 +178,17 @@ class DPO(TRLMethod[DPOBlock]):
 
         return DPOConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
         m = self.block(recipe)
         return dict(
-            max_length=recipe.data.max_length,  # the pipeline already fits every pair; the collator cuts nothing
-            beta=m.beta,
-            loss_type=m.losses,
-            loss_weights=m.loss_weights,
-            label_smoothing=m.label_smoothing,
-            precompute_ref_log_probs=m.precompute_ref_log_probs,
-            dataset_num_proc=None,
+            # the pipeline already fits every pair; the collator cuts nothing
+            max_length=Owned("data.max_length", recipe.data.max_length),
+            beta=Owned("method.beta", m.beta),
+            loss_type=Owned("method.loss_type", m.losses),
+            loss_weights=Owned("method.loss_weights", m.loss_weights),
+            label_smoothing=Owned("method.label_smoothing", m.label_smoothing),
+            precompute_ref_log_probs=Owned("method.precompute_ref_log_probs", m.precompute_ref_log_probs),
+            dataset_num_proc=Default(None),
         )
 
     def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
@@ -200,13 +200,14 @@ class DPO(TRLMethod[DPOBlock]):
 
 
 
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+                      hooks: RunHooks) -> Any:
         """A DPOTrainer over tunelab-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)."""
         args = self.trl_config(recipe)
         ref = load_reference(recipe, model)
-        trainer_cls = atomic_checkpoints(dpo_trainer_class())
+        trainer_cls = guarded_trainer(dpo_trainer_class(), hooks.guards)
         return trainer_cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                           processing_class=tokenizer, callbacks=callbacks)
+                           processing_class=tokenizer, callbacks=hooks.trainer_callbacks())
 
     def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
         """Per-pair log π(chosen) and log π(rejected) on the eval pairs, and their mean difference."""

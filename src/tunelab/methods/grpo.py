@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from tunelab.errors import Problem
-from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
-from tunelab.methods.common import atomic_checkpoints
+from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
+from tunelab.methods.common import Owned, Setting, guarded_trainer
 from tunelab.methods.online import OnlineRL, OnlineRLBlock
 from tunelab.rewards.compute import build_rewards, trl_reward_funcs
 
@@ -50,7 +50,6 @@ class GRPOBlock(OnlineRLBlock, TRLBlock):
     mask_truncated_completions: bool = Field(False, description="no loss on completions cut at max_completion_length")
     generation: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM when installed "
                                                                 "and a GPU is present, else transformers")
-    trl: dict[str, Any] = Field(default_factory=dict, description="extra GRPOConfig fields, validated before training")
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOBlock":
@@ -75,30 +74,36 @@ class GRPO(OnlineRL[GRPOBlock], TRLMethod[GRPOBlock]):
 
     name = "grpo"
     config = GRPOBlock
+    # GRPO's logged loss is the clipped surrogate of group-centred advantages: about 0 at every step by
+    # construction, whether the policy learns or breaks, so it has no band to leave. (Its KL and reward are
+    # where a broken run shows; the non-finite guard still runs.)
+    divergence_metric = None
 
     def trl_config_class(self) -> type:
         from trl import GRPOConfig
 
         return GRPOConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
         m = self.block(recipe)
         return dict(
-            num_generations=m.num_generations,
-            max_completion_length=m.max_completion_length,
-            temperature=m.temperature,
-            top_p=m.top_p,
-            beta=m.beta,
-            epsilon=m.epsilon,
-            epsilon_high=m.epsilon_high,
-            loss_type=m.loss_type,
-            scale_rewards=m.scale_rewards,
-            num_iterations=m.num_iterations,
-            mask_truncated_completions=m.mask_truncated_completions,
-            reward_weights=[r.weight for r in m.rewards],
-            use_vllm=use_vllm(m),
-            remove_unused_columns=False,  # extra columns go to the reward functions
-            eval_strategy="no",  # held-out evaluation is tunelab's own (methods/online.py)
+            num_generations=Owned("method.num_generations", m.num_generations),
+            max_completion_length=Owned("method.max_completion_length", m.max_completion_length),
+            temperature=Owned("method.temperature", m.temperature),
+            top_p=Owned("method.top_p", m.top_p),
+            beta=Owned("method.beta", m.beta),
+            epsilon=Owned("method.epsilon", m.epsilon),
+            epsilon_high=Owned("method.epsilon_high", m.epsilon_high),
+            loss_type=Owned("method.loss_type", m.loss_type),
+            scale_rewards=Owned("method.scale_rewards", m.scale_rewards),
+            num_iterations=Owned("method.num_iterations", m.num_iterations),
+            mask_truncated_completions=Owned("method.mask_truncated_completions", m.mask_truncated_completions),
+            reward_weights=Owned("method.rewards", [r.weight for r in m.rewards]),
+            use_vllm=Owned("method.generation", use_vllm(m)),
+            # extra columns go to the reward functions
+            remove_unused_columns=Owned("tunelab: the reward functions read the data's extra columns", False),
+            # held-out evaluation is tunelab's own (methods/online.py)
+            eval_strategy=Owned("tunelab: held-out evaluation of online RL is tunelab's own (data.eval)", "no"),
         )
 
     def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
@@ -126,13 +131,14 @@ class GRPO(OnlineRL[GRPOBlock], TRLMethod[GRPOBlock]):
             problems.append(Problem("method.generation", "vllm is not installed", "pip install vllm, or use auto"))
         return problems
 
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+                      hooks: RunHooks) -> Any:
         """TRL's GRPOTrainer on the prompt column (+ extra columns for the rewards), left-padded prompts."""
         from trl import GRPOTrainer
 
         tokenizer.padding_side = "left"
         funcs = trl_reward_funcs(build_rewards(self.block(recipe).rewards))
-        trainer_cls = atomic_checkpoints(GRPOTrainer)
+        trainer_cls = guarded_trainer(GRPOTrainer, hooks.guards)
         return trainer_cls(model=model, reward_funcs=funcs, args=self.trl_config(recipe),
                            train_dataset=train_ds.remove_columns(["prompt_ids"]), processing_class=tokenizer,
-                           callbacks=callbacks)
+                           callbacks=hooks.trainer_callbacks())

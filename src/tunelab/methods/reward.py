@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from tunelab.eval.reward import pairwise
-from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
-from tunelab.methods.common import atomic_checkpoints
+from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
+from tunelab.methods.common import Default, Owned, Setting, guarded_trainer
 
 if TYPE_CHECKING:
     from tunelab.recipe.schema import Recipe
@@ -31,7 +31,6 @@ class RewardBlock(TRLBlock):
     model_head = "score"
     name: Literal["reward"] = Field(description="reward: a reward model trained on preference pairs")
     center_rewards_coefficient: float | None = Field(None, ge=0, description="pull rewards toward zero mean")
-    trl: dict[str, Any] = Field(default_factory=dict, description="extra RewardConfig fields, validated before training")
 
 
 def as_sequences(dataset: Any) -> Any:
@@ -56,10 +55,11 @@ class Reward(TRLMethod[RewardBlock]):
 
         return RewardConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
         m = self.block(recipe)
-        return dict(max_length=recipe.data.max_length, center_rewards_coefficient=m.center_rewards_coefficient,
-                    dataset_num_proc=None)
+        return dict(max_length=Owned("data.max_length", recipe.data.max_length),
+                    center_rewards_coefficient=Owned("method.center_rewards_coefficient", m.center_rewards_coefficient),
+                    dataset_num_proc=Default(None))
 
     def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
         return MemoryTerms(rows=2 * recipe.train.batch_size, tokens=tokens,
@@ -68,14 +68,16 @@ class Reward(TRLMethod[RewardBlock]):
 
 
 
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+                      hooks: RunHooks) -> Any:
         """A RewardTrainer over tunelab-tokenized pairs."""
         from trl import RewardTrainer
 
         args = self.trl_config(recipe)
-        trainer_cls = atomic_checkpoints(RewardTrainer)
+        trainer_cls = guarded_trainer(RewardTrainer, hooks.guards)
         trainer = trainer_cls(model=model, args=args, train_dataset=as_sequences(train_ds),
-                              eval_dataset=as_sequences(eval_ds), processing_class=tokenizer, callbacks=callbacks)
+                              eval_dataset=as_sequences(eval_ds), processing_class=tokenizer,
+                              callbacks=hooks.trainer_callbacks())
         # With a quantized base, TRL casts every trainable tensor to bf16 (QLoRA's adapters). LoRA layers cast
         # their input, but the new score head (a plain Linear in modules_to_save) does not: without bf16
         # autocast (fp32 on a CPU) it would get fp32 hidden states. Keep it in the hidden states' dtype.

@@ -21,8 +21,8 @@ from pydantic import Field
 
 from tunelab.data.collate import PackedRowsCollator, uses_varlen_attention
 from tunelab.eval.perplexity import perplexity
-from tunelab.methods.base import MemoryTerms, TRLBlock, TRLMethod
-from tunelab.methods.common import atomic_checkpoints
+from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
+from tunelab.methods.common import Default, Owned, Setting, guarded_trainer
 from tunelab.models.attention import use_packed_sdpa
 from tunelab.models.logits import scored_logits
 
@@ -36,7 +36,6 @@ class SFTBlock(TRLBlock):
     name: Literal["sft"] = Field(description="sft: supervised fine-tuning")
     loss_type: Literal["nll", "dft"] = Field("nll", description="nll, or dft (dynamic fine-tuning)")
     neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune embedding noise")
-    trl: dict[str, Any] = Field(default_factory=dict, description="extra SFTConfig fields, validated before training")
 
 
 # Above this many bytes of fp32 logits per micro-batch, TRL's chunked fused LM head is used (it never
@@ -136,19 +135,20 @@ class SFT(TRLMethod[SFTBlock]):
 
         return SFTConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Any]:
+    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
         m = self.block(recipe)
+        tokenized = "tunelab: the data arrive tokenized and masked by tunelab; TRL must not re-tokenize or re-mask them"
         return dict(
-            max_length=recipe.data.max_length,
-            packing=recipe.data.packing,
-            packing_strategy="bfd",
-            padding_free=recipe.data.packing,
-            loss_type=m.loss_type,
-            neftune_noise_alpha=m.neftune_noise_alpha,
-            # tunelab hands over input_ids + labels; TRL must not re-tokenize or re-mask them
-            assistant_only_loss=False,
-            completion_only_loss=None,
-            dataset_num_proc=None,
+            max_length=Owned("data.max_length", recipe.data.max_length),
+            packing=Owned("data.packing", recipe.data.packing),
+            packing_strategy=Owned("data.packing", "bfd"),
+            padding_free=Owned("data.packing", recipe.data.packing),
+            loss_type=Owned("method.loss_type", m.loss_type),
+            neftune_noise_alpha=Owned("method.neftune_noise_alpha", m.neftune_noise_alpha),
+            assistant_only_loss=Owned(tokenized, False),
+            completion_only_loss=Owned(tokenized, None),
+            dataset_kwargs=Owned(tokenized, None),
+            dataset_num_proc=Default(None),
         )
 
     def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
@@ -161,17 +161,18 @@ class SFT(TRLMethod[SFTBlock]):
 
 
 
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+                      hooks: RunHooks) -> Any:
         """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
         args = self.trl_config(recipe)
-        trainer_cls = atomic_checkpoints(sft_trainer_class())
+        trainer_cls = guarded_trainer(sft_trainer_class(), hooks.guards)
         trainer = trainer_cls(
             model=model,
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
-            callbacks=callbacks,
+            callbacks=hooks.trainer_callbacks(),
         )
         if args.packing and not uses_varlen_attention(model):
             # SDPA/eager: one padded row per packed row instead of TRL's single concatenated row (see collate.py)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from tunelab.errors import Problem
-from tunelab.methods.base import MemoryTerms
+from tunelab.methods.base import MemoryTerms, RunHooks
 from tunelab.methods.online import OnlineRL, OnlineRLBlock
 from tunelab.models.load import mla_checkpoint
 from tunelab.patches.mla.block import mla_causal_only_problem
@@ -114,8 +114,13 @@ class PPO(OnlineRL[PPOBlock]):
                                                     "run or an unconverted model"))
         return problems
 
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+                      hooks: RunHooks) -> Any:
         """The PPO trainer over tunelab's prompt-only dataset (prompt, prompt_ids, extra columns)."""
         from tunelab.methods.ppo.trainer import PPOTrainer
 
-        return PPOTrainer(recipe, model, tokenizer, train_ds, callbacks)
+        return PPOTrainer(recipe, model, tokenizer, train_ds, hooks)
+
+    def trained_model(self, trainer: Any) -> Any:
+        """The policy (the trainer's own model is the policy and critic as one module)."""
+        return trainer.saved_model

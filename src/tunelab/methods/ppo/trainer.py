@@ -43,6 +43,7 @@ from tunelab.rewards.compute import build_rewards, score_all
 from tunelab.runs import RunDir
 
 if TYPE_CHECKING:
+    from tunelab.methods.base import RunHooks
     from tunelab.methods.ppo import PPOBlock
     from tunelab.recipe.schema import Recipe
 
@@ -123,15 +124,16 @@ def build_critic(recipe: "Recipe", tokenizer: Any) -> nn.Module:
 
 
 class PPOTrainer:
-    """PPO on a prompt-only dataset; the interface train.py expects (train, save_model, state)."""
+    """PPO on a prompt-only dataset; meets ``methods.base.MethodTrainer`` (train, save_model, state, accelerator)."""
 
-    def __init__(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, callbacks: list) -> None:
+    def __init__(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, hooks: "RunHooks") -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
         from transformers import get_scheduler
 
         self.recipe, self.m, self.t = recipe, cast("PPOBlock", recipe.method), recipe.train
-        self.tokenizer, self.dataset, self.callbacks = tokenizer, train_ds, callbacks
+        self.tokenizer, self.dataset = tokenizer, train_ds
+        self.callbacks, self.guards = hooks.callbacks, hooks.guards  # metrics.jsonl; preemption, non-finite, divergence
         precision = resolve_precision(self.t.precision)
         plugin = None
         if recipe.distributed.strategy.startswith("zero"):
@@ -193,7 +195,6 @@ class PPOTrainer:
                                      is_world_process_zero=self.accelerator.is_main_process)
         self.generator = torch.Generator()
         self.trainable_params = trainable(model) + trainable(critic)
-        self.faults: tuple[Any, Any] | None = None  # (PreemptionGuard, NonFiniteGuard), set by train.py
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -209,6 +210,11 @@ class PPOTrainer:
         """Run ``total_steps`` PPO steps (from a checkpoint's step when resuming), logging each."""
         if resume_from_checkpoint:
             self.load_checkpoint(Path(resume_from_checkpoint))
+            world, b = self.accelerator.num_processes, self.t.batch_size
+            epoch, at = divmod(self.state.global_step * world * b, len(self.dataset))
+            say(f"resumed at step {self.state.global_step} of {self.total_steps} (KL coefficient {self.kl.value:.6g}); "
+                f"data: epoch {epoch + 1}, continuing after prompt {at} of {len(self.dataset)} in the epoch's seeded "
+                "order (sampling seeds follow the step, as in the uncut run)")
         for cb in self.callbacks:
             cb.on_train_begin(None, self.state, None)
         logged: list[dict[str, float]] = []
@@ -232,8 +238,9 @@ class PPOTrainer:
                           f"clipfrac {row['clipfrac']:.3f}")
                 for cb in self.callbacks:
                     cb.on_log(None, self.state, None, logs=row)
-            if self.state.global_step < self.total_steps and self.faults is not None and self.faults[0].requested():
-                self.faults[0].stopped_at = self.state.global_step  # preempted: a checkpoint of this step, then stop
+                self.guards.divergence.observe(self.state.global_step, row)  # before this step is checkpointed
+            if self.state.global_step < self.total_steps and self.guards.preemption.requested():
+                self.guards.preemption.stopped_at = self.state.global_step  # preempted: a checkpoint of this step, then stop
                 self.save_checkpoint()
                 return
             if self.state.global_step % self.t.save_steps == 0 and self.state.global_step < self.total_steps:
@@ -244,8 +251,9 @@ class PPOTrainer:
         """The model ``save_model`` writes (the policy): where ``train`` sets the stop tokens."""
         return self.unwrapped.policy
 
-    def save_model(self, path: str) -> None:
+    def save_model(self, output_dir: str | None = None) -> None:
         """The policy in HF format (a PEFT adapter under PEFT); the critic in ``critic/`` if asked."""
+        path = output_dir or os.path.join(self.t.output_dir, "final")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.unwrapped.policy.save_pretrained(path)
@@ -358,18 +366,22 @@ class PPOTrainer:
                 entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
                 values = values[:, mb["prompt_len"] - 1 : -1]
                 v_loss, v_stats = core.value_loss(values, mb["values"], mb["returns"], mask, m.value_clip)
-                # the networks share no parameter: each gets the gradient of its own loss
-                self.accelerator.backward(pg_loss - m.entropy_coef * entropy + v_loss)
-                if self.t.max_grad_norm > 0 and not self.deepspeed:
-                    for net in (self.unwrapped.policy, self.unwrapped.critic):
-                        torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
-                                                       self.t.max_grad_norm)
-                if self.faults is None or self.faults[1].check(self.trainable_params, self.state.global_step + 1):
-                    self.opt.step()
+                loss = pg_loss - m.entropy_coef * entropy + v_loss
+                step = self.state.global_step + 1
+                # before backward: under DeepSpeed the engine updates inside it, where no gradient check can reach
+                if self.guards.nonfinite.check_loss(loss, step):
+                    # the networks share no parameter: each gets the gradient of its own loss
+                    self.accelerator.backward(loss)
+                    if self.t.max_grad_norm > 0 and not self.deepspeed:
+                        for net in (self.unwrapped.policy, self.unwrapped.critic):
+                            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
+                                                           self.t.max_grad_norm)
+                    if self.guards.nonfinite.check(self.trainable_params, step):
+                        self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
 
-                step_stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                step_stats = {"loss": loss.item(), "policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
                               "update_entropy": entropy.item(), **{k: v.item() for k, v in pg_stats.items()},
                               **{k: v.item() for k, v in v_stats.items()}}
                 for key, v in step_stats.items():
