@@ -117,7 +117,7 @@ def test_ppo_deepspeed_zero2_matches_ddp_and_resumes(quickstart_sft, tmp_path):
                    extra=("--resume", "auto"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
-    resumed = _metrics(tmp_path / "zero2")
+    resumed = [m for m in _metrics(tmp_path / "zero2") if m.get("event") != "resumed"]
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for k in keys:  # step 3 after the resume is step 3 of the uncut run: weights, optimizer shards, KL, seeds
         assert resumed[2][k] == pytest.approx(runs["zero2"][2][k], abs=1e-5), k
@@ -125,21 +125,37 @@ def test_ppo_deepspeed_zero2_matches_ddp_and_resumes(quickstart_sft, tmp_path):
 
 @pytest.mark.slow
 def test_ppo_resumes_from_its_last_checkpoint(run_cli, quickstart_sft, tmp_path):
-    """A PPO run cut after its checkpoint at step 2 resumes there and logs what the uncut run logged."""
+    """A PPO run killed after its checkpoint at step 2 resumes there, logs what the uncut run logged and ends with
+    the uncut run's final weights (fp32 CPU, tolerance 1e-6; measured equal to the last bit). It says which step and
+    data position it picked up, and metrics.jsonl records the resume: a run that silently started over (same seeds,
+    same weights at the end) fails here."""
+    import shutil
+
+    from safetensors.torch import load_file
+
     sft_dir, rc, _, err = quickstart_sft
     assert rc == 0, err[-2000:]
     out = tmp_path / "ppo"
-    extra = ("--set", "train.max_steps=4", "--set", "train.save_steps=2", "--set", "method.eval_samples=1")
+    extra = ("--set", "train.max_steps=4", "--set", "train.save_steps=2", "--set", "method.eval_samples=1",
+             "--set", "train.eval_before_train=false")
     _train(run_cli, "ppo", sft_dir, out, *extra)
-    whole = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    import shutil
-
+    whole = _metrics(out)
+    uncut = load_file(out / "final" / "model.safetensors")
     shutil.rmtree(out / "final")  # as if killed after checkpoint-2 was written
+    shutil.rmtree(out / "checkpoint-4", ignore_errors=True)
     rc, stdout, stderr = run_cli("train", "recipes/quickstart/ppo.yaml", "--set", f"model.path={sft_dir}/final",
                                  "--set", f"train.output_dir={out}", *extra, "--resume", "auto")
     assert rc == 0, stderr[-3000:]
-    assert "resuming from" in stdout and "checkpoint-2" in stdout
-    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert f"resuming from {out / 'checkpoint-2'}" in stdout
+    # 2 steps x 16 prompts of the 36-row quickstart rl set
+    assert "resumed at step 2 of 4 (KL coefficient 0.1); data: epoch 1, continuing after prompt 32 of 36" in stdout
+    rows = _metrics(out)
+    assert [m["step"] for m in rows if m.get("event") == "resumed"] == [2]
+    resumed = [m for m in rows if m.get("event") != "resumed"]
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole[2:], resumed[2:]):
-        assert a["reward"] == b["reward"] and a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-5)
+        assert a["reward"] == b["reward"] and a["policy_loss"] == pytest.approx(b["policy_loss"], abs=1e-6)
+    final = load_file(out / "final" / "model.safetensors")
+    assert final.keys() == uncut.keys()
+    for name in uncut:
+        assert (final[name] - uncut[name]).abs().max().item() <= 1e-6, name

@@ -97,7 +97,13 @@ def test_dpo_resume_auto_restores_the_optimizer_state(tmp_path, capsys):
     shutil.copytree(whole, cut, ignore=shutil.ignore_patterns("final", "checkpoint-4", "summary.json"))
     capsys.readouterr()
     run_training("recipes/quickstart/dpo.yaml", [*DPO_SETS, f"train.output_dir={cut}"], resume="auto")
-    assert f"resuming from {cut / 'checkpoint-2'}" in capsys.readouterr().out  # resumed, not restarted
+    said = capsys.readouterr().out
+    assert f"resuming from {cut / 'checkpoint-2'}" in said
+    # resumed, not restarted (which ends with the same weights, losses and moments): the trainer loaded step 2 and
+    # says where in the data it goes on (32 pairs / batch 8 = 4 micro-batches per epoch), and metrics.jsonl says so
+    assert "resumed at step 2 of 4 (epoch 0.500); data: epoch 1, continuing after micro-batch 2 of 4" in said, said
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [2]
 
     a, b = losses(whole), losses(cut)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]

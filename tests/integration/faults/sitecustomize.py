@@ -2,6 +2,8 @@
 
 Only these tests put this directory on PYTHONPATH. TUNELAB_TEST_FAULT is one of:
   nan_grad@N         after the backward of step N, a NaN in one gradient (a loss that blew up)
+  nan_loss@N         the forward of step N computes with a NaN embedding: the loss is NaN (under DeepSpeed too,
+                     whose engine steps inside backward, where no gradient check reaches)
   enospc@N           writing checkpoint-N raises OSError(ENOSPC) part-way (a full disk)
   kill_in_save@N     writing checkpoint-N: half a file is written, then the process is SIGKILLed
   exit_after_save@N  checkpoint-N is published, then the process is SIGKILLed (a kill between two steps)
@@ -24,6 +26,26 @@ if FAULT:
 
     def step_of(trainer) -> int:  # the step being computed (1-based)
         return trainer.state.global_step + 1
+
+    if kind == "nan_loss":
+        poisoned = {"on": False}
+        original_embedding = torch.nn.Embedding.forward
+
+        def embedding_forward(self, x):
+            out = original_embedding(self, x)
+            return out * float("nan") if poisoned["on"] and self.training else out
+
+        torch.nn.Embedding.forward = embedding_forward
+        original_nan_step = transformers.Trainer.training_step
+
+        def training_step_nan(self, model, inputs, *args, **kwargs):
+            poisoned["on"] = step_of(self) == int(arg)
+            try:
+                return original_nan_step(self, model, inputs, *args, **kwargs)
+            finally:
+                poisoned["on"] = False
+
+        transformers.Trainer.training_step = training_step_nan
 
     if kind in ("nan_grad", "hang"):
         original_step = transformers.Trainer.training_step
