@@ -122,13 +122,45 @@ def test_sse_framing_ends_with_done(tiny):
     assert all(e.startswith("data: {") for e in events[:-2])
 
 
-def test_max_tokens_length_and_max_completion_tokens(tiny):
-    client, _, _ = tiny
+def finish_of(client, stream: bool, **kw) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of one request, streamed or not."""
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+    kw["stream_options"] = {"include_usage": True}
+    text, finish, chunks = streamed(client, **kw)
+    assert len(finish) == 1
+    return text, finish[0], chunks[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_finish_reason_is_length_exactly_when_the_budget_ran_out(tiny, stream):
+    """Each case built so that it happens: the random model's greedy reply is token 201 ('\\n') forever, never its
+    end of turn, so a greedy budget of 3 runs out; a stop string taken from a sampled reply ends that reply
+    early; and with 201 made the end-of-turn token, the reply ends at once, by a stop, even when that one
+    token is the whole budget."""
+    client, _, gen = tiny
+    base = dict(model="tiny", messages=QUESTION)
     for key in ("max_tokens", "max_completion_tokens"):
-        r = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, **{key: 3})
-        assert r.usage.completion_tokens <= 3
-        if r.usage.completion_tokens == 3:
-            assert r.choices[0].finish_reason == "length"
+        text, finish, n = finish_of(client, stream, temperature=0, **base, **{key: 3})
+        assert (text, finish, n) == ("\n\n\n", "length", 3)
+
+    sampled = dict(temperature=1.0, seed=3, max_tokens=32, **base)
+    full, finish, n = finish_of(client, stream, **sampled)
+    assert (finish, n) == ("length", 32)
+    stop = next(full[i : i + 3] for i in range(2, len(full) // 2) if full[i : i + 3].strip())
+    text, finish, n = finish_of(client, stream, stop=stop, **sampled)
+    assert text == full[: full.find(stop)] and finish == "stop" and n < 32
+
+    original = gen.stop_ids, gen.stop_texts
+    # the end of turn is what the model says first (and its text is cut, as ChatModel does for <|im_end|>'s)
+    gen.stop_ids, gen.stop_texts = [201], [gen.tok.decode([201])]
+    try:
+        for budget in (1, 5):
+            text, finish, n = finish_of(client, stream, temperature=0, max_tokens=budget, **base)
+            assert (text, finish, n) == ("", "stop", 1)  # the budget of 1 is used up, by the end of turn
+    finally:
+        gen.stop_ids, gen.stop_texts = original
 
 
 def test_stop_strings_cut_the_reply_in_both_modes(tiny):
@@ -178,20 +210,67 @@ def test_malformed_json_and_unknown_paths(tiny):
     assert raw(port, "POST", "/v1/completions", b"{}")[0] == 404
 
 
+class GenerationSpy:
+    """Wraps a model's generate: counts the generations running at once (the most of them in ``peak``) and makes
+    each take at least ``hold`` seconds, so that requests that were not serialised would overlap."""
+
+    def __init__(self, model, hold: float = 0.0) -> None:  # noqa: ANN001
+        self.model, self.hold, self.generate = model, hold, model.generate
+        self.running = self.peak = 0
+        self.calls: list[tuple[int, int]] = []  # (max_new_tokens, tokens generated)
+        self.guard = threading.Lock()
+
+    def __call__(self, **kw):  # noqa: ANN003, ANN204
+        with self.guard:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(self.hold)
+            out = self.generate(**kw)
+        finally:
+            with self.guard:
+                self.running -= 1
+        with self.guard:
+            self.calls.append((kw["max_new_tokens"], out.shape[1] - kw["input_ids"].shape[1]))
+        return out
+
+    def __enter__(self) -> GenerationSpy:
+        self.model.generate = self
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        del self.model.generate
+
+
 def test_concurrent_requests_are_served_one_at_a_time(tiny):
-    client, _, _ = tiny
-    out: list[str] = []
+    """Six requests sent at once, three streamed: every generation holds the model alone (at most one running at any
+    moment, though all six were in flight together), and each reply is what the request alone would get."""
+    client, _, gen = tiny
+    asks = [dict(messages=QUESTION, max_tokens=6 + i, temperature=1.0, seed=i, stream=i % 2 == 1) for i in range(6)]
+    expected = [gen.complete(parse_chat_request(a)).text for a in asks]
+    got: dict[int, str] = {}
+    spans: list[tuple[float, float]] = []
+    start = threading.Barrier(len(asks))
 
-    def ask() -> None:
-        r = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=8, temperature=0)
-        out.append(r.choices[0].message.content)
+    def ask(i: int) -> None:
+        start.wait()
+        t0 = time.monotonic()
+        kw = {k: v for k, v in asks[i].items() if k != "stream"}
+        if asks[i]["stream"]:
+            got[i] = streamed(client, model="tiny", **kw)[0]
+        else:
+            got[i] = client.chat.completions.create(model="tiny", **kw).choices[0].message.content
+        spans.append((t0, time.monotonic()))
 
-    threads = [threading.Thread(target=ask) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(out) == 3 and len(set(out)) == 1
+    with GenerationSpy(gen.model, hold=0.15) as spy:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(spy.calls) == len(asks) and spy.peak == 1
+    assert max(a for a, _ in spans) < min(b for _, b in spans)  # all in flight together: overlap was possible
+    assert [got.get(i) for i in range(len(asks))] == expected
 
 
 def test_parse_chat_request_defaults_and_content_parts():
@@ -256,9 +335,9 @@ def test_chat_loop_streams_keeps_history_resets_and_exits(tiny):
     seen: list[list[dict[str, str]]] = []
     original = gen.stream
 
-    def spy(req, cancel=None):  # noqa: ANN001, ANN202
+    def spy(req, cancel=None, prompt=None):  # noqa: ANN001, ANN202
         seen.append([dict(m) for m in req.messages])
-        return original(req, cancel)
+        return original(req, cancel, prompt)
 
     gen.stream = spy
     out: list[str] = []
