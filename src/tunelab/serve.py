@@ -9,7 +9,7 @@ The server speaks the subset of the OpenAI API that chat clients use: ``GET /v1/
 lock): this is a server for trying a model and for evaluation harnesses, not for throughput.
 
 What a client cannot do to it: a POST needs a ``Content-Length`` (411 without one, or with a chunked body),
-a numeric one (400), at most ``MAX_BODY_BYTES`` (413, refused before a byte of it is read); the body
+a numeric one (400), at most ``MAX_BODY_BYTES`` (413, refused before any of it is read); the body
 must arrive within ``READ_TIMEOUT_S`` as a whole (408: a client trickling bytes cannot hold a thread),
 and be UTF-8 JSON (400). The prompt and ``max_tokens`` must fit the model's context (400,
 ``context_length_exceeded``, naming the parameter and the limit). Every refusal is OpenAI's error
@@ -57,14 +57,14 @@ from tunelab.models.inference import load_for_inference
 
 DEFAULT_MAX_TOKENS = 512  # when a request names no max_tokens (and fewer when less of the context is left)
 # A request body's limit. 4 MiB: a 128k-token prompt of non-ASCII text, JSON-escaped (\uXXXX), is about 1 MB, so
-# no prompt that fits a context is refused, while a thread never holds more than this for one request.
+# no prompt that fits such a context is refused, while one request never makes a thread hold more than this.
 MAX_BODY_BYTES = 4 << 20
-# Seconds a connection may stay silent, and the time a whole body has to arrive in (408 after it).
+# Seconds a connection may stay silent (or leave its reply unread), and the time a whole body has to arrive in (408).
 READ_TIMEOUT_S = 10.0
 # After a refusal, how long to keep reading (and dropping) what the client still sends before closing: see finish()
 LINGER_S = 2.0
 API_KEY_ENV = "TUNELAB_API_KEY"
-# tokenizer.model_max_length when the tokenizer knows no limit (transformers' VERY_LARGE_INTEGER is 1e30)
+# a tokenizer.model_max_length this large means "no limit known" (transformers puts VERY_LARGE_INTEGER, 1e30, there)
 _NO_LIMIT = 10**9
 # control characters in a logged request line (a client sending garbage) are escaped, as http.server's own log does
 _ESCAPE = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))})
@@ -231,11 +231,17 @@ class Completion:
 def context_length(model: Any, tokenizer: Any) -> int | None:
     """The most tokens (prompt and reply together) the model takes, or None when neither config nor tokenizer says.
 
-    The config's ``max_position_embeddings`` first (a RoPE patch that extends the context updates it); else the
-    tokenizer's ``model_max_length`` when it is a real limit, not transformers' 1e30 for "unknown".
+    The config's ``max_position_embeddings`` first (tunelab's RoPE patch sets it to the extended length), times the
+    factor for dynamic NTK, whose ``max_position_embeddings`` is where scaling starts (patches/rope.py keeps it at
+    the original length); else the tokenizer's ``model_max_length`` when it is a real limit, not the 1e30 for
+    "unknown".
     """
-    n = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    config = model.config.get_text_config()
+    n = getattr(config, "max_position_embeddings", None)
     if isinstance(n, int) and n > 0:
+        rope = getattr(config, "rope_parameters", None)
+        if isinstance(rope, dict) and rope.get("rope_type") == "dynamic" and rope.get("factor"):
+            return int(round(n * float(rope["factor"])))
         return n
     n = getattr(tokenizer, "model_max_length", None)
     return n if isinstance(n, int) and 0 < n < _NO_LIMIT else None
