@@ -269,7 +269,7 @@ def test_concurrent_requests_are_served_one_at_a_time(tiny):
             got[i] = client.chat.completions.create(model="tiny", **kw).choices[0].message.content
         spans.append((t0, time.monotonic()))
 
-    with GenerationSpy(gen.model, hold=0.15) as spy:
+    with GenerationSpy(gen.model, hold=0.25) as spy:
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
         for t in threads:
             t.start()
@@ -306,7 +306,7 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 def post(headers: str, body: bytes = b"") -> bytes:
-    return POST + headers.encode() + b"\r\n" + body
+    return POST + headers.encode("latin-1") + b"\r\n" + body  # the bytes http.server decodes headers from
 
 
 @dataclass
@@ -325,9 +325,14 @@ def exchange(port: int, data: bytes, timeout: float = 20) -> Reply:
         reply = b""
         while chunk := s.recv(1 << 16):
             reply += chunk
+    interim = b""  # a '100 Continue' before the answer: kept in head, for the tests that must not see one
+    while reply.startswith(b"HTTP/1.1 100 "):
+        first, _, reply = reply.partition(b"\r\n\r\n")
+        interim += first + b"\r\n"
     head, _, body = reply.partition(b"\r\n\r\n") if reply.startswith(b"HTTP/") else (b"", b"", reply)
     status = int(head.split()[1]) if head else None
-    return Reply(status, head.decode("latin-1"), json.loads(body) if body else None, time.monotonic() - t0)
+    return Reply(status, (interim + head).decode("latin-1"), json.loads(body) if body else None,
+                 time.monotonic() - t0)
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +373,7 @@ FRAMING = {  # what the client sends: (status, error code, words of the message)
                 "chunked"),
     "non-numeric length": (post("Content-Length: abc\r\n", GOOD), 400, "invalid_content_length", "'abc'"),
     "negative length": (post("Content-Length: -5\r\n", GOOD), 400, "invalid_content_length", "'-5'"),
-    "Unicode digit length": (post("Content-Length: ²\r\n", GOOD), 400, "invalid_content_length", "non-negative"),
+    "Unicode digits length": (post("Content-Length: ²³\r\n", GOOD), 400, "invalid_content_length", "'²³'"),
     "two lengths": (post(f"Content-Length: {len(GOOD)}\r\nContent-Length: 3\r\n", GOOD), 400,
                     "invalid_content_length", "conflicting"),
     "over the limit": (post(f"Content-Length: {MAX_BODY_BYTES + 1}\r\n"), 413, "request_too_large",
@@ -390,18 +395,34 @@ FRAMING = {  # what the client sends: (status, error code, words of the message)
 
 @pytest.mark.parametrize("case", FRAMING)
 def test_bad_framing_is_refused_in_openai_shape_without_reading_or_waiting(tiny, capfd, case):
-    """Each refusal: its status, OpenAI's error body, the connection closed at once (the server's read timeout is
-    10 s: nothing waited for a body), one log line and no traceback; the server answers the next request."""
+    """Each refusal: its status, OpenAI's error body, the connection closed at once (well before the server's read
+    timeout of 10 s: nothing waited for a body), one log line and no traceback; the next request is answered."""
     _, port, _ = tiny
     data, status, code, says = FRAMING[case]
     r = exchange(port, data)
     assert r.status == status and r.body is not None and set(r.body["error"]) == ERROR_KEYS, r
     assert r.body["error"]["code"] == code and says in r.body["error"]["message"]
-    assert r.seconds < 2.0 and "Connection: close" in r.head
+    assert r.seconds < 5.0 and "Connection: close" in r.head
     assert "100 Continue" not in r.head
     assert exchange(port, post(f"Content-Length: {len(GOOD)}\r\nConnection: close\r\n", GOOD)).status == 200
     log = "".join(capfd.readouterr())
     assert f'" {status} ' in log and "Traceback" not in log
+
+
+def test_an_exception_escaping_a_handler_is_one_log_line(tiny, capfd, monkeypatch):
+    """(A bug stands in for what can escape: a client gone while its refusal is written.)"""
+    _, port, _ = tiny
+
+    def bug(headers, limit):  # noqa: ANN001, ANN202
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(serve, "_content_length", bug)
+    r = exchange(port, post("Content-Length: 2\r\n", b"{}"))
+    assert (r.status, r.body) == (None, None)  # closed without an answer
+    monkeypatch.undo()
+    assert exchange(port, post(f"Content-Length: {len(GOOD)}\r\nConnection: close\r\n", GOOD)).status == 200
+    log = "".join(capfd.readouterr())
+    assert "127.0.0.1 connection dropped: ValueError: a bug" in log and "Traceback" not in log
 
 
 def test_a_garbled_request_line_is_answered_and_logged_escaped(tiny, capfd):
@@ -430,13 +451,13 @@ def test_a_body_slower_than_the_timeout_is_408_and_frees_its_thread(quick, capfd
     seconds = time.monotonic() - t0
     assert reply.startswith(b"HTTP/1.1 408 "), reply
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
-    assert 0.5 <= seconds < 2.0
+    assert 0.5 <= seconds < 4.0  # the trickle alone would take 200 s
     assert settled_threads(before) <= before
     # a client that says nothing at all is let go after the timeout too
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"POST /v1/chat/comp")
         t0 = time.monotonic()
-        assert s.recv(100) == b"" and time.monotonic() - t0 < 2.0
+        assert s.recv(100) == b"" and time.monotonic() - t0 < 4.0
     log = "".join(capfd.readouterr())
     assert '" 408 (the request body did not arrive within 0.5 s)' in log and "Request timed out" in log
     assert "Traceback" not in log
