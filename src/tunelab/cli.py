@@ -309,7 +309,8 @@ def generate_(
 @app.command()
 def serve(
     model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
-    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface, needs --api-key)")] = \
+        "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="model name in /v1/models and replies (default: the run's)")] = None,
     api_key: Annotated[Optional[str], typer.Option(
