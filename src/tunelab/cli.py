@@ -312,14 +312,19 @@ def generate_(
 @app.command()
 def serve(
     model: Annotated[str, typer.Argument(help="model dir, run dir, adapter dir or builtin:tiny-*")],
-    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface, needs --api-key)")] = \
+        "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="model name in /v1/models and replies (default: the run's)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="TUNELAB_API_KEY", show_default=False,
+        help="clients must send 'Authorization: Bearer KEY'; required to listen beyond loopback. Prefer the "
+             "environment variable: other users of the machine can read a command line")] = None,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible API: GET /v1/models, POST /v1/chat/completions (streaming too)."""
     from tunelab.serve import run_serve
 
-    _guard(run_serve, model, host, port, name)
+    _guard(run_serve, model, host, port, name, api_key)
 
 
 @app.command()
