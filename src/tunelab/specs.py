@@ -2,6 +2,8 @@
 
 These are the parts of a recipe that do not depend on which method or patches are registered
 (``recipe/schema.py`` adds the method and patch unions and the checks that need the registries).
+``RecipeSpec`` is the recipe's shape with the method and the patches typed by their bases: the type
+every floor below ``recipe`` takes (``recipe.schema.Recipe``, what YAML is parsed into, is one).
 Every block is ``Strict``: an unknown key is an error, values are checked on assignment. This
 module imports no torch, so a broken recipe is reported in well under a second.
 """
@@ -324,3 +326,37 @@ class PatchBlock(Strict):
 
     name: str = Field(description="the patch: a PATCHES key")
 
+
+
+class RecipeSpec(Strict):
+    """The shape of a whole recipe, with ``method`` a ``MethodBlock`` and ``patches`` ``PatchBlock``s.
+
+    What the floors below ``recipe`` (data, distributed, patches, models, methods) read a recipe as, so
+    that none of them needs ``recipe.schema``, which imports the method and patch registries to build its
+    discriminated unions (an annotation import of it from below would close a circle through the floors).
+    YAML is parsed by ``recipe.schema.Recipe``, a subclass that narrows these fields to the registries'.
+    """
+
+    model: ModelSpec = Field(description="the model to start from and how to load it")
+    patches: list[PatchBlock] = Field(default_factory=list, description="model patches (rope, mla), applied in "
+                                      "order before PEFT")
+    peft: PeftSpec | None = Field(None, description="parameter-efficient fine-tuning (lora, dora, qlora, prefix, "
+                                  "prompt); none: full fine-tuning")
+    data: DataSpec = Field(description="training and evaluation data")
+    method: MethodBlock = Field(description="the training method and its fields (sft, reward, dpo, grpo, ppo)")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="the optimisation loop")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="how training is spread over "
+                                         "processes (DDP, DeepSpeed ZeRO, FSDP2)")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="evaluation of final/ after training "
+                           "(lm-evaluation-harness tasks); results in summary.json")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RecipeSpec":
+        problems = []
+        if self.peft is not None and getattr(self.peft, "method", "") == "qlora" and self.model.quantization:
+            problems.append("set quantization in peft (qlora) or in model, not both")
+        if self.model.quantization and self.peft is None:
+            problems.append("a quantized model cannot be fully fine-tuned; add a peft block (e.g. method: qlora)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -1,6 +1,8 @@
 """The package is built in floors: each module imports only from its own floor or below, and nothing in a cycle.
 
-Counted with the imports inside functions (``if TYPE_CHECKING:`` blocks aside: annotations only).
+Counted with the imports inside functions and the ones under ``if TYPE_CHECKING:`` (annotations count: a
+reader who follows a type to its module walks those edges too, so a lower floor that needs the recipe's type
+takes ``specs.RecipeSpec``, not ``recipe.schema.Recipe``).
 An import sits inside a function only when what it imports is heavy (it imports torch,
 transformers, TRL, ... at module level, directly or through the tunelab modules it imports):
 laziness is for a fast ``tunelab --help`` and fast recipe errors, never to hide a cycle. The one
@@ -56,7 +58,8 @@ def modules(root: Path = SRC) -> dict[str, Path]:
 
 def import_graph(root: Path = SRC) -> tuple[dict[str, dict[str, tuple[bool, int]]], dict[str, set[str]]]:
     """(tunelab module -> {imported tunelab module: (inside a function, line)}, module -> heavy libraries it
-    imports at module level)."""
+    imports at module level). An import under ``if TYPE_CHECKING:`` is an edge like any other (never run, so it
+    makes no module heavy); ``TYPING_ONLY`` holds those edges."""
     mods = modules(root)
 
     def resolve(name: str) -> str | None:
@@ -66,25 +69,29 @@ def import_graph(root: Path = SRC) -> tuple[dict[str, dict[str, tuple[bool, int]
 
     edges: dict[str, dict[str, tuple[bool, int]]] = {}
     heavy: dict[str, set[str]] = {}
+    TYPING_ONLY.clear()
     for mod, path in mods.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         out: dict[str, tuple[bool, int]] = {}
         libs: set[str] = set()
 
-        def add(target: str | None, lazy: bool, line: int) -> None:
+        def add(target: str | None, lazy: bool, line: int, typing: bool) -> None:
             if target and target != mod and (target not in out or out[target][0] and not lazy):
                 out[target] = (lazy, line)
+            if target and not typing:
+                TYPING_ONLY.discard((mod, target))
+            elif target and target != mod and out[target][1] == line:
+                TYPING_ONLY.add((mod, target))
 
-        def visit(node: ast.AST, lazy: bool) -> None:
+        def visit(node: ast.AST, lazy: bool, typing: bool = False) -> None:
             for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
-                    continue
+                guard = isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING"
                 inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
                 if isinstance(child, ast.Import):
                     for alias in child.names:
                         if alias.name.startswith("tunelab"):
-                            add(resolve(alias.name), inner, child.lineno)
-                        elif not inner:
+                            add(resolve(alias.name), inner, child.lineno, typing)
+                        elif not inner and not typing:
                             libs.add(alias.name.split(".")[0])
                 elif isinstance(child, ast.ImportFrom):
                     base = child.module or ""
@@ -94,15 +101,18 @@ def import_graph(root: Path = SRC) -> tuple[dict[str, dict[str, tuple[bool, int]
                     if base.startswith("tunelab"):
                         for alias in child.names:
                             full = f"{base}.{alias.name}"
-                            add(resolve(full) if full in mods else resolve(base), inner, child.lineno)
-                    elif not inner:
+                            add(resolve(full) if full in mods else resolve(base), inner, child.lineno, typing)
+                    elif not inner and not typing:
                         libs.add(base.split(".")[0])
-                visit(child, inner)
+                visit(child, inner, typing or guard)
 
         visit(ast.parse(path.read_text(encoding="utf-8")), False)
         edges[mod] = out
         heavy[mod] = libs & HEAVY
     return edges, heavy
+
+
+TYPING_ONLY: set[tuple[str, str]] = set()  # (module, imported module) seen only under ``if TYPE_CHECKING:``
 
 
 def cycles(edges: dict[str, dict[str, tuple[bool, int]]]) -> list[list[str]]:
@@ -165,7 +175,7 @@ def test_imports_inside_functions_are_only_of_heavy_modules(graph):
 
     def is_heavy(mod: str, seen: frozenset[str] = frozenset()) -> bool:
         return bool(heavy[mod]) or any(is_heavy(b, seen | {mod}) for b, (lazy, _) in edges[mod].items()
-                                       if not lazy and b not in seen)
+                                       if not lazy and b not in seen and (mod, b) not in TYPING_ONLY)
 
     light = [f"{a}:{line} imports {b} inside a function, which imports nothing heavy: import it at module level"
              for a, out in edges.items() if a not in LAZY_ENTRY_POINTS
@@ -185,6 +195,19 @@ def test_the_checks_find_a_planted_cycle(tmp_path):
     assert any("tunelab.specs" in group and "tunelab.recipe.schema" in group for group in cycles(edges))
     assert edges["tunelab.specs"]["tunelab.recipe.schema"][0]  # seen, and seen as inside a function
     assert floor("tunelab.recipe.schema") > floor("tunelab.specs")
+
+
+def test_an_annotation_import_counts(tmp_path):
+    """An import under ``if TYPE_CHECKING:`` closes a circle too: the 23-module one the recipe's type once made."""
+    import shutil
+
+    copy = tmp_path / "tunelab"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    config = copy / "distributed" / "config.py"
+    config.write_text(config.read_text() + "\n\nif TYPE_CHECKING:\n    from tunelab.recipe.schema import Recipe\n")
+    edges, heavy = import_graph(copy)
+    assert any("tunelab.distributed.config" in group and "tunelab.recipe.schema" in group for group in cycles(edges))
+    assert ("tunelab.distributed.config", "tunelab.recipe.schema") in TYPING_ONLY
 
 
 # test files that are not named after one module, and why

@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
 from tunelab.data.sources import Resolved, Sha256Reader, fingerprint, iter_rows, resolve_source
 from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 from tunelab.errors import DataError, Problem
-from tunelab.specs import DataSource
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
-    from tunelab.specs import DataSpec
-
+from tunelab.specs import DataSource, DataSpec, RecipeSpec
 
 
 @dataclass
@@ -208,7 +203,7 @@ def mix(parts: list[list[dict[str, Any]]], sources: list[Any], seed: int) -> lis
     return out
 
 
-def build_datasets(recipe: "Recipe", tokenizer: Any) -> tuple[Any, Any, DataReport]:
+def build_datasets(recipe: "RecipeSpec", tokenizer: Any) -> tuple[Any, Any, DataReport]:
     """(train Dataset, eval Dataset or None, report): SFT columns input_ids + labels, or the pair columns."""
     from datasets import Dataset
 
@@ -276,7 +271,7 @@ class CheckedSource:
     rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (row number, canonical row), local only
 
 
-def check_data(recipe: "Recipe", first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None,
+def check_data(recipe: "RecipeSpec", first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None,
                ) -> tuple[list[Problem], list[str], list[CheckedSource]]:
     """Resolve every source and convert its rows; (problems, notes, checked sources). No model, no tokenizer.
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tunelab.errors import Problem, RecipeError
-from tunelab.specs import ZERO_STAGES
+from tunelab.specs import ZERO_STAGES, RecipeSpec
 
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
 
 DEEPSPEED_KEY = "distributed.deepspeed_config"
 # sized by transformers from the model's hidden size when "auto"; without the model, DeepSpeed's defaults
@@ -44,17 +42,17 @@ def resolve_precision(precision: str) -> str:
     return "fp32"
 
 
-def precision_of(recipe: "Recipe") -> str:
+def precision_of(recipe: "RecipeSpec") -> str:
     """fp32|bf16|fp16: ``train.precision`` resolved on this machine, as training resolves it."""
     return resolve_precision(recipe.train.precision)
 
 
-def zero_stage(recipe: "Recipe") -> int | None:
+def zero_stage(recipe: "RecipeSpec") -> int | None:
     """The ZeRO stage of the recipe's strategy, or None when it is not a DeepSpeed strategy."""
     return ZERO_STAGES.get(recipe.distributed.strategy)
 
 
-def micro_batch_and_accumulation(recipe: "Recipe") -> tuple[int, int]:
+def micro_batch_and_accumulation(recipe: "RecipeSpec") -> tuple[int, int]:
     """(micro batch per process, accumulation steps) as the engine sees them: the method block's rule.
 
     (PPO, our trainer, steps the optimizer once per minibatch of a rollout: its micro batch is
@@ -63,7 +61,7 @@ def micro_batch_and_accumulation(recipe: "Recipe") -> tuple[int, int]:
     return recipe.method.micro_batch(recipe.train)
 
 
-def generated_deepspeed_config(recipe: "Recipe", world_size: int) -> dict[str, Any]:
+def generated_deepspeed_config(recipe: "RecipeSpec", world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON tunelab writes for a zero* strategy (no user JSON)."""
     d = recipe.distributed
     stage = zero_stage(recipe)
@@ -157,7 +155,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def merge_user_deepspeed_config(user: dict[str, Any], recipe: "Recipe", world_size: int,
+def merge_user_deepspeed_config(user: dict[str, Any], recipe: "RecipeSpec", world_size: int,
                                 path: str = "") -> tuple[dict[str, Any], list[Problem], list[str]]:
     """(filled config, conflicts, notes): the user's JSON with every ``auto`` and recipe-owned key filled in.
 
@@ -242,7 +240,7 @@ def merge_user_deepspeed_config(user: dict[str, Any], recipe: "Recipe", world_si
     return config, problems, notes
 
 
-def deepspeed_config_with_notes(recipe: "Recipe", world_size: int) -> tuple[dict[str, Any], list[str]]:
+def deepspeed_config_with_notes(recipe: "RecipeSpec", world_size: int) -> tuple[dict[str, Any], list[str]]:
     """(DeepSpeed JSON, notes) for a zero* strategy; RecipeError if the user's JSON cannot be used."""
     path = recipe.distributed.deepspeed_config
     if not path:
@@ -256,12 +254,12 @@ def deepspeed_config_with_notes(recipe: "Recipe", world_size: int) -> tuple[dict
     return config, notes
 
 
-def deepspeed_config(recipe: "Recipe", world_size: int) -> dict[str, Any]:
+def deepspeed_config(recipe: "RecipeSpec", world_size: int) -> dict[str, Any]:
     """The complete DeepSpeed JSON of a zero* recipe at ``world_size`` processes: nothing left ``auto``."""
     return deepspeed_config_with_notes(recipe, world_size)[0]
 
 
-def fsdp_config(recipe: "Recipe") -> dict[str, Any]:
+def fsdp_config(recipe: "RecipeSpec") -> dict[str, Any]:
     """TrainingArguments.fsdp_config for strategy fsdp2 (keys without the ``fsdp_`` prefix)."""
     f = recipe.distributed.fsdp
     return {
@@ -275,7 +273,7 @@ def fsdp_config(recipe: "Recipe") -> dict[str, Any]:
     }
 
 
-def accelerate_config(recipe: "Recipe", num_processes: int, num_machines: int = 1, machine_rank: int = 0,
+def accelerate_config(recipe: "RecipeSpec", num_processes: int, num_machines: int = 1, machine_rank: int = 0,
                       main_process_ip: str | None = None, main_process_port: int | None = None,
                       deepspeed_config_file: str | None = None) -> dict[str, Any]:
     """The accelerate config (what ``accelerate launch --config_file`` reads as YAML) of a recipe.
@@ -341,7 +339,7 @@ def accelerate_config(recipe: "Recipe", num_processes: int, num_machines: int = 
     return out
 
 
-def distributed_problems(recipe: "Recipe", world_size: int = 1) -> tuple[list[Problem], list[str]]:
+def distributed_problems(recipe: "RecipeSpec", world_size: int = 1) -> tuple[list[Problem], list[str]]:
     """What ``tunelab validate`` reports about the ``distributed:`` block before any weights load."""
     notes: list[str] = []
     if zero_stage(recipe) is not None:

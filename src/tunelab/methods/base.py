@@ -18,17 +18,14 @@ import dataclasses
 import importlib.util
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
 from tunelab.distributed.faults import Guards
 from tunelab.errors import Problem, closest
 from tunelab.methods.common import Owned, Setting, training_fields
-from tunelab.specs import MethodBlock
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import MethodBlock, RecipeSpec
 
 
 @dataclass
@@ -94,7 +91,7 @@ class Method(Generic[B]):
     # the logged value the divergence guard watches (train.on_divergence); None: no logged value means divergence
     divergence_metric: ClassVar[str | None] = "loss"
 
-    def block(self, recipe: Recipe) -> B:
+    def block(self, recipe: RecipeSpec) -> B:
         """The recipe's method block, typed as this method's."""
         block = recipe.method
         assert isinstance(block, self.config), f"{type(block).__name__} is not a {self.config.__name__}"
@@ -105,7 +102,7 @@ class Method(Generic[B]):
         """causal | score: the head of the model it trains (a block fact: ``MethodBlock.model_head``)."""
         return self.config.model_head
 
-    def check(self, recipe: Recipe) -> list[Problem]:
+    def check(self, recipe: RecipeSpec) -> list[Problem]:
         """Recipe checks beyond the schema, before any weights load (extend, keeping these)."""
         why = self.refused_strategies.get(recipe.distributed.strategy)
         if why:
@@ -113,23 +110,23 @@ class Method(Generic[B]):
                             f"{recipe.distributed.strategy}: {why}")]
         return []
 
-    def reward_specs(self, recipe: Recipe) -> list[Any]:
+    def reward_specs(self, recipe: RecipeSpec) -> list[Any]:
         """The ``rewards.RewardSpec`` entries the method scores completions with (online RL), checked at validate."""
         return []
 
-    def trl_problems(self, recipe: Recipe) -> list[Problem]:
+    def trl_problems(self, recipe: RecipeSpec) -> list[Problem]:
         """What the method's TRL config rejects of the recipe (methods on a TRL trainer)."""
         return []
 
-    def trl_passthrough(self, recipe: Recipe) -> dict[str, Any]:
+    def trl_passthrough(self, recipe: RecipeSpec) -> dict[str, Any]:
         """The recipe's ``method.trl`` pass-through fields, if the method has them."""
         return {}
 
-    def memory_terms(self, recipe: Recipe, tokens: int, vocab: int) -> MemoryTerms:
+    def memory_terms(self, recipe: RecipeSpec, tokens: int, vocab: int) -> MemoryTerms:
         """The rows and models ``tunelab plan`` counts; ``tokens`` is the row length planned for."""
         return MemoryTerms(rows=recipe.train.batch_size, tokens=tokens)
 
-    def build_trainer(self, recipe: Recipe, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+    def build_trainer(self, recipe: RecipeSpec, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
                       hooks: RunHooks) -> MethodTrainer:
         """The trainer, running ``hooks`` (the run's callbacks and fault guards) in its loop."""
         raise NotImplementedError
@@ -148,12 +145,12 @@ class Method(Generic[B]):
         return (f"held-out perplexity rose from {b:.4g} before training to {a:.4g} after ({a / b:.3g}x, more than "
                 f"train.divergence.eval_factor {factor:g}x)")
 
-    def evaluate(self, model: Any, eval_ds: Any, recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
+    def evaluate(self, model: Any, eval_ds: Any, recipe: RecipeSpec, tokenizer: Any) -> dict[str, Any]:
         """Held-out numbers of ``model`` on ``eval_ds`` (before and after training)."""
         raise NotImplementedError
 
     def report(self, before: dict[str, Any] | None, after: dict[str, Any],
-               recipe: Recipe) -> tuple[list[str], dict[str, Any]]:
+               recipe: RecipeSpec) -> tuple[list[str], dict[str, Any]]:
         """Lines to print after training and entries for summary.json, from ``evaluate``'s results."""
         raise NotImplementedError
 
@@ -177,25 +174,25 @@ class TRLMethod(Method[TB]):
         """The TRL config class (imports TRL)."""
         raise NotImplementedError
 
-    def trl_fields(self, recipe: Recipe) -> dict[str, Setting]:
+    def trl_fields(self, recipe: RecipeSpec) -> dict[str, Setting]:
         """The TRL config fields the method sets from its block and the recipe, each with the key that decides it."""
         return {}
 
-    def trl_settings(self, recipe: Recipe) -> dict[str, Setting]:
+    def trl_settings(self, recipe: RecipeSpec) -> dict[str, Setting]:
         """Every field tunelab sets in the method's TRL config: TrainingArguments' and the method's own."""
         return {**training_fields(recipe), **self.trl_fields(recipe)}
 
-    def trl_passthrough(self, recipe: Recipe) -> dict[str, Any]:
+    def trl_passthrough(self, recipe: RecipeSpec) -> dict[str, Any]:
         return dict(self.block(recipe).trl)
 
-    def trl_config(self, recipe: Recipe, **extra: Any) -> Any:
+    def trl_config(self, recipe: RecipeSpec, **extra: Any) -> Any:
         """The TRL config of a recipe (raises TypeError/ValueError on a bad ``method.trl``)."""
         kwargs = {name: f.value for name, f in self.trl_settings(recipe).items()}
         kwargs.update(self.trl_passthrough(recipe))  # validate refused every owned field in it
         kwargs.update(extra)
         return self.trl_config_class()(**kwargs)
 
-    def trl_problems(self, recipe: Recipe) -> list[Problem]:
+    def trl_problems(self, recipe: RecipeSpec) -> list[Problem]:
         """Build the TRL config the way training will, and report what it rejects."""
         trl = self.trl_passthrough(recipe)
         settings = self.trl_settings(recipe)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tunelab.distributed.config import deepspeed_config, fsdp_config, resolve_precision, zero_stage
 from tunelab.distributed.faults import Guards
 from tunelab.distributed.process_group import cuda_available, deepspeed_needs_gloo
 from tunelab.runs import RunDir
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import RecipeSpec
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class Default:
 Setting = Owned | Default
 
 
-def training_fields(recipe: "Recipe") -> dict[str, Setting]:
+def training_fields(recipe: "RecipeSpec") -> dict[str, Setting]:
     """Every TrainingArguments field tunelab sets, with the recipe key that decides it (one source of truth).
 
     What ``method.trl`` may not set is derived from here (``Owned``), together with each method's own
@@ -98,12 +96,12 @@ def training_fields(recipe: "Recipe") -> dict[str, Setting]:
     )
 
 
-def training_arguments(recipe: "Recipe") -> dict[str, Any]:
+def training_arguments(recipe: "RecipeSpec") -> dict[str, Any]:
     """TrainingArguments values filled from ``recipe.train``, ``recipe.model`` and ``recipe.distributed``."""
     return {name: f.value for name, f in training_fields(recipe).items()}
 
 
-def distributed_arguments(recipe: "Recipe") -> dict[str, Any]:
+def distributed_arguments(recipe: "RecipeSpec") -> dict[str, Any]:
     """TrainingArguments for ``recipe.distributed``: the generated DeepSpeed JSON (zero*) or FSDP2 settings.
 
     The world size is the launcher's (WORLD_SIZE); DeepSpeed checks train_batch_size against it.

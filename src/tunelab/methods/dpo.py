@@ -21,7 +21,7 @@ same weights with the adapters disabled under PEFT (no second copy), or ``refere
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,10 +30,8 @@ from tunelab.eval.progress import progress
 from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
 from tunelab.methods.common import Default, Owned, Setting, guarded_trainer
 from tunelab.models.load import frozen_reference
-from tunelab.specs import ModelRef
+from tunelab.specs import ModelRef, RecipeSpec
 
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
 
 # TRL 1.16's pairwise losses (DPOConfig.loss_type)
 DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -127,7 +125,7 @@ def dpo_trainer_class() -> type:
     return TunelabDPOTrainer
 
 
-def load_reference(recipe: "Recipe", model: Any) -> Any:
+def load_reference(recipe: "RecipeSpec", model: Any) -> Any:
     """The frozen reference model: ``method.reference``, else a copy of the starting weights (None under PEFT,
     where TRL disables the adapters, and with precompute_ref_log_probs, where it scores the data once up front)."""
     m = recipe.method
@@ -178,7 +176,7 @@ class DPO(TRLMethod[DPOBlock]):
 
         return DPOConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
+    def trl_fields(self, recipe: "RecipeSpec") -> dict[str, Setting]:
         m = self.block(recipe)
         return dict(
             # the pipeline already fits every pair; the collator cuts nothing
@@ -191,7 +189,7 @@ class DPO(TRLMethod[DPOBlock]):
             dataset_num_proc=Default(None),
         )
 
-    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+    def memory_terms(self, recipe: "RecipeSpec", tokens: int, vocab: int) -> MemoryTerms:
         m = self.block(recipe)
         rows = 2 * recipe.train.batch_size
         return MemoryTerms(rows=rows, tokens=tokens, trained="policy",
@@ -199,8 +197,7 @@ class DPO(TRLMethod[DPOBlock]):
                            notes=[f"dpo: chosen and rejected in one forward: {rows} rows of up to {tokens} tokens"])
 
 
-
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+    def build_trainer(self, recipe: "RecipeSpec", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
                       hooks: RunHooks) -> Any:
         """A DPOTrainer over tunelab-tokenized pairs (prompt_ids, chosen_ids, rejected_ids)."""
         args = self.trl_config(recipe)
@@ -209,7 +206,7 @@ class DPO(TRLMethod[DPOBlock]):
         return trainer_cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            processing_class=tokenizer, callbacks=hooks.trainer_callbacks())
 
-    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "RecipeSpec", tokenizer: Any) -> dict[str, Any]:
         """Per-pair log π(chosen) and log π(rejected) on the eval pairs, and their mean difference."""
         bs = recipe.train.eval_batch_size or recipe.train.batch_size
         lp = pair_logps(model, eval_ds, bs, tokenizer.pad_token_id or 0)
@@ -217,7 +214,7 @@ class DPO(TRLMethod[DPOBlock]):
         return {"pairs": n, "logp_chosen": lp["chosen"], "logp_rejected": lp["rejected"],
                 "mean_logratio": sum(c - r for c, r in zip(lp["chosen"], lp["rejected"])) / max(n, 1)}
 
-    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "RecipeSpec") -> tuple[list[str], dict[str, Any]]:
         """Lines to print and summary entries: implicit-reward margin against the starting model, log-ratio change."""
         out: dict[str, Any] = {"mean_logratio_after": after["mean_logratio"]}
         lines = []

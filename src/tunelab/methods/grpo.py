@@ -19,7 +19,7 @@ per micro-step; ``batch_size * grad_accum * processes`` must be a multiple of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -28,9 +28,8 @@ from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
 from tunelab.methods.common import Owned, Setting, guarded_trainer
 from tunelab.methods.online import OnlineRL, OnlineRLBlock
 from tunelab.rewards.compute import build_rewards, trl_reward_funcs
+from tunelab.specs import RecipeSpec
 
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
 
 GRPOLoss = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 
@@ -84,7 +83,7 @@ class GRPO(OnlineRL[GRPOBlock], TRLMethod[GRPOBlock]):
 
         return GRPOConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
+    def trl_fields(self, recipe: "RecipeSpec") -> dict[str, Setting]:
         m = self.block(recipe)
         return dict(
             num_generations=Owned("method.num_generations", m.num_generations),
@@ -106,7 +105,7 @@ class GRPO(OnlineRL[GRPOBlock], TRLMethod[GRPOBlock]):
             eval_strategy=Owned("tunelab: held-out evaluation of online RL is tunelab's own (data.eval)", "no"),
         )
 
-    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+    def memory_terms(self, recipe: "RecipeSpec", tokens: int, vocab: int) -> MemoryTerms:
         m = self.block(recipe)
         s = tokens + m.max_completion_length
         b = recipe.train.batch_size
@@ -115,8 +114,7 @@ class GRPO(OnlineRL[GRPOBlock], TRLMethod[GRPOBlock]):
                                   f"{b} per forward"])
 
 
-
-    def check(self, recipe: "Recipe") -> list[Any]:
+    def check(self, recipe: "RecipeSpec") -> list[Any]:
         """GRPO's batch arithmetic and generation backend, before any weights load."""
         problems = super().check(recipe)
         import importlib.util
@@ -131,7 +129,7 @@ class GRPO(OnlineRL[GRPOBlock], TRLMethod[GRPOBlock]):
             problems.append(Problem("method.generation", "vllm is not installed", "pip install vllm, or use auto"))
         return problems
 
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+    def build_trainer(self, recipe: "RecipeSpec", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
                       hooks: RunHooks) -> Any:
         """TRL's GRPOTrainer on the prompt column (+ extra columns for the rewards), left-padded prompts."""
         from trl import GRPOTrainer

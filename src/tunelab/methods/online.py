@@ -8,7 +8,7 @@ the trained one, and the mean training reward of the first and last 10% of steps
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field, model_validator
 
@@ -17,10 +17,7 @@ from tunelab.eval.progress import progress
 from tunelab.methods.base import Method
 from tunelab.rewards import RewardSpec
 from tunelab.rewards.compute import build_rewards, score_all
-from tunelab.specs import MethodBlock, ModelRef
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import MethodBlock, ModelRef, RecipeSpec
 
 
 class OnlineRLBlock(MethodBlock):
@@ -116,12 +113,11 @@ class OnlineRL(Method[OB]):
     formats: ClassVar[tuple[str, ...]] = ("prompt",)
     eval_before = True  # the report compares the trained policy with the starting one
 
-    def reward_specs(self, recipe: "Recipe") -> list[Any]:
+    def reward_specs(self, recipe: "RecipeSpec") -> list[Any]:
         return list(self.block(recipe).rewards)
 
 
-
-    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "RecipeSpec", tokenizer: Any) -> dict[str, Any]:
         """Mean reward (total and per function) of sampled and greedy completions on the eval prompts."""
         import torch
 
@@ -158,7 +154,7 @@ class OnlineRL(Method[OB]):
             model.train()
         return result
 
-    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "RecipeSpec") -> tuple[list[str], dict[str, Any]]:
         """Held-out reward before -> after training, sampled and greedy, per reward function."""
         lines = []
         out: dict[str, Any] = {}

@@ -13,16 +13,14 @@ with m the pair's ``margin`` when the data has one (Llama 2, Touvron et al. 2023
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from tunelab.eval.reward import pairwise
 from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
 from tunelab.methods.common import Default, Owned, Setting, guarded_trainer
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import RecipeSpec
 
 
 class RewardBlock(TRLBlock):
@@ -55,20 +53,19 @@ class Reward(TRLMethod[RewardBlock]):
 
         return RewardConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
+    def trl_fields(self, recipe: "RecipeSpec") -> dict[str, Setting]:
         m = self.block(recipe)
         return dict(max_length=Owned("data.max_length", recipe.data.max_length),
                     center_rewards_coefficient=Owned("method.center_rewards_coefficient", m.center_rewards_coefficient),
                     dataset_num_proc=Default(None))
 
-    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+    def memory_terms(self, recipe: "RecipeSpec", tokens: int, vocab: int) -> MemoryTerms:
         return MemoryTerms(rows=2 * recipe.train.batch_size, tokens=tokens,
                            notes=[f"reward: chosen and rejected in one forward: {2 * recipe.train.batch_size} rows "
                                   f"of up to {tokens} tokens"])
 
 
-
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+    def build_trainer(self, recipe: "RecipeSpec", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
                       hooks: RunHooks) -> Any:
         """A RewardTrainer over tunelab-tokenized pairs."""
         from trl import RewardTrainer
@@ -87,11 +84,11 @@ class Reward(TRLMethod[RewardBlock]):
                 param.data = param.data.to(hidden_dtype)
         return trainer
 
-    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "RecipeSpec", tokenizer: Any) -> dict[str, Any]:
         bs = recipe.train.eval_batch_size or recipe.train.batch_size
         return pairwise(model, eval_ds, bs, tokenizer.pad_token_id or 0)
 
-    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "RecipeSpec") -> tuple[list[str], dict[str, Any]]:
         head = f"{before['accuracy']:.3f} (new head) -> " if before else ""
         lines = [f"held-out pairwise accuracy: {head}{after['accuracy']:.3f} on {after['pairs']} pairs; "
                  f"mean margin r(chosen) - r(rejected) {after['margin']:+.4f}"]

@@ -15,7 +15,7 @@ head over every position: same loss, gradients and metrics, less compute and mem
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 from pydantic import Field
 
@@ -25,9 +25,7 @@ from tunelab.methods.base import MemoryTerms, RunHooks, TRLBlock, TRLMethod
 from tunelab.methods.common import Default, Owned, Setting, guarded_trainer
 from tunelab.models.attention import use_packed_sdpa
 from tunelab.models.logits import scored_logits
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import RecipeSpec
 
 
 class SFTBlock(TRLBlock):
@@ -135,7 +133,7 @@ class SFT(TRLMethod[SFTBlock]):
 
         return SFTConfig
 
-    def trl_fields(self, recipe: "Recipe") -> dict[str, Setting]:
+    def trl_fields(self, recipe: "RecipeSpec") -> dict[str, Setting]:
         m = self.block(recipe)
         tokenized = "tunelab: the data arrive tokenized and masked by tunelab; TRL must not re-tokenize or re-mask them"
         return dict(
@@ -151,7 +149,7 @@ class SFT(TRLMethod[SFTBlock]):
             dataset_num_proc=Default(None),
         )
 
-    def memory_terms(self, recipe: "Recipe", tokens: int, vocab: int) -> MemoryTerms:
+    def memory_terms(self, recipe: "RecipeSpec", tokens: int, vocab: int) -> MemoryTerms:
         terms = MemoryTerms(rows=recipe.train.batch_size, tokens=tokens)
         if recipe.train.batch_size * tokens * vocab * 4 >= FUSED_HEAD_MIN_LOGIT_BYTES:
             terms.full_logits = False
@@ -160,8 +158,7 @@ class SFT(TRLMethod[SFTBlock]):
         return terms
 
 
-
-    def build_trainer(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
+    def build_trainer(self, recipe: "RecipeSpec", model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any,
                       hooks: RunHooks) -> Any:
         """An SFTTrainer over tunelab-tokenized data (input_ids + labels)."""
         args = self.trl_config(recipe)
@@ -181,18 +178,17 @@ class SFT(TRLMethod[SFTBlock]):
             use_packed_sdpa(model)
         return trainer
 
-    def evaluate(self, model: Any, eval_ds: Any, recipe: "Recipe", tokenizer: Any) -> dict[str, Any]:
+    def evaluate(self, model: Any, eval_ds: Any, recipe: "RecipeSpec", tokenizer: Any) -> dict[str, Any]:
         """Eval perplexity: exp of the mean NLL over every trained token of the eval rows."""
         bs = recipe.train.eval_batch_size or recipe.train.batch_size
         # packed like training: rows of max_length, batch_size of them per forward pass
         return perplexity(model, eval_ds, bs, tokenizer.pad_token_id or 0, pack_tokens=recipe.data.max_length)
 
-    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "Recipe") -> tuple[list[str], dict[str, Any]]:
+    def report(self, before: dict[str, Any] | None, after: dict[str, Any], recipe: "RecipeSpec") -> tuple[list[str], dict[str, Any]]:
         if before is not None:
             line = f"eval perplexity: {before['perplexity']:.3f} (untrained) -> {after['perplexity']:.3f} (trained)"
         else:
             line = f"eval perplexity: {after['perplexity']:.3f}"
         return [line], {}
-
 
 

@@ -16,18 +16,14 @@ import importlib.util
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template, end_of_turn_ids
 from tunelab.errors import Problem, UserError
 from tunelab.models.builtin import BUILTIN_MODELS, builtin_config, builtin_model, builtin_tokenizer
 from tunelab.models.gguf import gguf_error, is_gguf_path, pretrained_kwargs
 from tunelab.patches.mla.block import mla_attention_problem, mla_causal_only_problem, mla_unquantized_problem
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
-    from tunelab.specs import ModelSpec, QuantizationSpec
-
+from tunelab.specs import ModelSpec, QuantizationSpec, RecipeSpec
 
 
 def is_tiny_builtin(path: str) -> bool:
@@ -66,7 +62,7 @@ def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
     return Problem(key, f"{path} does not exist", hint)
 
 
-def missing_models(recipe: "Recipe") -> list[Problem]:
+def missing_models(recipe: "RecipeSpec") -> list[Problem]:
     """Model paths of a recipe (the model and the ones its method names) that can only be local directories
     and do not exist."""
     paths = [("model.path", recipe.model.path)] + [(ref.key, ref.path) for ref in recipe.method.model_refs()]
@@ -88,7 +84,7 @@ def mla_checkpoint(path: str | Path) -> bool:
 _SCORE_REF_FIX = {"reward model": "use a reward model run", "critic": "use a reward model run or an unconverted model"}
 
 
-def mla_checkpoint_problems(recipe: "Recipe") -> list[Problem]:
+def mla_checkpoint_problems(recipe: "RecipeSpec") -> list[Problem]:
     """A recipe whose models are MLA-converted directories must load them the ways MLA supports (no weights read)."""
     problems = []
     path = recipe.model.path

@@ -8,16 +8,12 @@ on a 4-bit NF4 base.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tunelab.specs import LoraSpec, PrefixSpec, PromptSpec, QuantizationSpec
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import LoraSpec, PrefixSpec, PromptSpec, QuantizationSpec, RecipeSpec
 
 
-
-def quantization_of(recipe: "Recipe") -> Any:
+def quantization_of(recipe: "RecipeSpec") -> Any:
     """The quantization block that applies: ``peft`` (qlora, default 4-bit nf4) or ``model``."""
     p = recipe.peft
     if p is not None and p.method == "qlora":

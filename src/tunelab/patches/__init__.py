@@ -7,21 +7,19 @@ register here. This module and the patch blocks import no torch: the recipe sche
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tunelab.errors import Problem
 from tunelab.patches.base import Patch
 from tunelab.patches.mla import MLA
 from tunelab.patches.rope import Rope
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import RecipeSpec
 
 
 PATCHES: dict[str, Patch] = {p.name: p for p in (Rope(), MLA())}
 
 
-def patch_recipe_problems(recipe: "Recipe") -> list[Problem]:
+def patch_recipe_problems(recipe: "RecipeSpec") -> list[Problem]:
     """Checks of the patches that need neither weights nor the model's config (and import no torch)."""
     problems = []
     first: dict[str, str] = {}  # a unique patch's name -> where it is
@@ -36,7 +34,7 @@ def patch_recipe_problems(recipe: "Recipe") -> list[Problem]:
     return problems
 
 
-def patch_problems(recipe: "Recipe", config: Any) -> list[Problem]:
+def patch_problems(recipe: "RecipeSpec", config: Any) -> list[Problem]:
     """Checks of every patch against the model's config (read without its weights)."""
     problems = []
     seen: set[str] = set()
@@ -49,13 +47,13 @@ def patch_problems(recipe: "Recipe", config: Any) -> list[Problem]:
     return problems
 
 
-def apply_patches(model: Any, recipe: "Recipe", tokenizer: Any = None) -> list[dict[str, Any]]:
+def apply_patches(model: Any, recipe: "RecipeSpec", tokenizer: Any = None) -> list[dict[str, Any]]:
     """Apply the recipe's patches to a loaded model in order; one record per patch (for logs and the summary)."""
     return [{"name": spec.name, **PATCHES[spec.name].apply(model, spec, tokenizer, f"patches[{i}]")}
             for i, spec in enumerate(recipe.patches)]
 
 
-def patch_data_sources(recipe: "Recipe") -> list[tuple[str, str]]:
+def patch_data_sources(recipe: "RecipeSpec") -> list[tuple[str, str]]:
     """(recipe key, data source) of every source the recipe's patches read, for the lock file."""
     return [(f"patches[{i}]", src) for i, spec in enumerate(recipe.patches)
             for src in PATCHES[spec.name].data_sources(spec)]

@@ -34,13 +34,14 @@ from tunelab.specs import (
     PrefixSpec,
     PromptSpec,
     QuantizationSpec,
+    RecipeSpec,
     Strict,
     TrainSpec,
 )
 
 __all__ = ["ZERO_STAGES", "DataSource", "DataSpec", "DistributedSpec", "EvalSpec", "FSDPSpec", "LmEvalSpec",
            "LoraSpec", "MethodSpec", "ModelSpec", "PatchSpec", "PeftSpec", "PrefixSpec", "PromptSpec",
-           "QuantizationSpec", "Recipe", "RecipeModelSpec", "Strict", "TrainSpec", "registry_union"]
+           "QuantizationSpec", "Recipe", "RecipeModelSpec", "RecipeSpec", "Strict", "TrainSpec", "registry_union"]
 
 
 def registry_union(registry: dict[str, type[BaseModel]], key: str, what: str) -> Any:
@@ -98,29 +99,14 @@ else:  # what pydantic validates: the discriminated unions over the registries
     PatchSpec = registry_union({name: p.config for name, p in PATCHES.items()}, "name", "patch")
 
 
-class Recipe(Strict):
-    """A whole recipe: model, optional patches and PEFT, data, method, training loop, distribution."""
+class Recipe(RecipeSpec):
+    """A whole recipe: model, optional patches and PEFT, data, method, training loop, distribution.
+
+    ``specs.RecipeSpec`` with the method and patch blocks narrowed to the registries' discriminated unions
+    (and the model's names checked against the registries): what a YAML recipe is parsed into.
+    """
 
     model: RecipeModelSpec = Field(description="the model to start from and how to load it")
     patches: list[PatchSpec] = Field(
         default_factory=list, description="model patches (rope, mla), applied in order before PEFT")
-    peft: PeftSpec | None = Field(
-        None, description="parameter-efficient fine-tuning (lora, dora, qlora, prefix, prompt); none: full fine-tuning")
-    data: DataSpec = Field(description="training and evaluation data")
     method: MethodSpec = Field(description="the training method and its fields (sft, reward, dpo, grpo, ppo)")
-    train: TrainSpec = Field(default_factory=TrainSpec, description="the optimisation loop")
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="how training is spread over "
-                                         "processes (DDP, DeepSpeed ZeRO, FSDP2)")
-    eval: EvalSpec = Field(default_factory=EvalSpec, description="evaluation of final/ after training "
-                           "(lm-evaluation-harness tasks); results in summary.json")
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
-        problems = []
-        if self.peft is not None and getattr(self.peft, "method", "") == "qlora" and self.model.quantization:
-            problems.append("set quantization in peft (qlora) or in model, not both")
-        if self.model.quantization and self.peft is None:
-            problems.append("a quantized model cannot be fully fine-tuned; add a peft block (e.g. method: qlora)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self

@@ -36,16 +36,16 @@ from tunelab.log import say
 from tunelab.methods.common import checkpoint_write_error
 from tunelab.methods.online import completion_mask, prompt_text, reward_columns, sample, stop_token_ids
 from tunelab.methods.ppo import core
+from tunelab.methods.ppo.block import PPOBlock
 from tunelab.models.inference import load_reward_model
 from tunelab.models.load import frozen_reference, load_model
 from tunelab.models.peft import apply_peft, quantization_of
 from tunelab.rewards.compute import build_rewards, score_all
 from tunelab.runs import RunDir
+from tunelab.specs import RecipeSpec
 
 if TYPE_CHECKING:
     from tunelab.methods.base import RunHooks
-    from tunelab.methods.ppo import PPOBlock
-    from tunelab.recipe.schema import Recipe
 
 
 class ValueModel(nn.Module):
@@ -102,9 +102,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_critic(recipe: "Recipe", tokenizer: Any) -> nn.Module:
+def build_critic(recipe: "RecipeSpec", tokenizer: Any) -> nn.Module:
     """The critic's network: a score head on a copy of the policy's body, the reward model, or a path."""
-    m = cast("PPOBlock", recipe.method)
+    m = cast(PPOBlock, recipe.method)
     if m.critic == "reward_model":
         path = next(r.model for r in m.rewards if r.model)
         net, _ = load_reward_model(path)
@@ -126,12 +126,12 @@ def build_critic(recipe: "Recipe", tokenizer: Any) -> nn.Module:
 class PPOTrainer:
     """PPO on a prompt-only dataset; meets ``methods.base.MethodTrainer`` (train, save_model, state, accelerator)."""
 
-    def __init__(self, recipe: "Recipe", model: Any, tokenizer: Any, train_ds: Any, hooks: "RunHooks") -> None:
+    def __init__(self, recipe: "RecipeSpec", model: Any, tokenizer: Any, train_ds: Any, hooks: "RunHooks") -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
         from transformers import get_scheduler
 
-        self.recipe, self.m, self.t = recipe, cast("PPOBlock", recipe.method), recipe.train
+        self.recipe, self.m, self.t = recipe, cast(PPOBlock, recipe.method), recipe.train
         self.tokenizer, self.dataset = tokenizer, train_ds
         self.callbacks, self.guards = hooks.callbacks, hooks.guards  # metrics.jsonl; preemption, non-finite, divergence
         precision = resolve_precision(self.t.precision)

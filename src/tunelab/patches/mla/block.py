@@ -13,15 +13,12 @@ scale) use it when given and fall back to estimates from the weights otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from tunelab.errors import Problem
-from tunelab.specs import PatchBlock
-
-if TYPE_CHECKING:
-    from tunelab.recipe.schema import Recipe
+from tunelab.specs import PatchBlock, RecipeSpec
 
 
 # the model types MLA conversion handles (convert reads them from here: this module has no torch)
@@ -143,7 +140,7 @@ def mla_config_problems(spec: MlaPatch, config: Any, key: Keys, model: str = "mo
     return problems
 
 
-def mla_recipe_problems(spec: MlaPatch, recipe: "Recipe", where: str) -> list[Problem]:
+def mla_recipe_problems(spec: MlaPatch, recipe: "RecipeSpec", where: str) -> list[Problem]:
     """Checks of an mla block against the rest of the recipe (attention backend, quantization, method)."""
     problems = []
     if problem := mla_attention_problem(recipe.model.attn_implementation, f"the MLA attention of {where}"):
