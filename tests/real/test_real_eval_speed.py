@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from tunelab.methods.base import RunHooks
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -28,7 +29,7 @@ def test_eval_is_at_least_as_fast_as_the_training_forward_pass_and_shows_progres
     tok = load_tokenizer(recipe.model)
     train_ds, eval_ds, _ = build_datasets(recipe, tok)
     model = apply_peft(load_model(recipe.model, None, full_finetune=False), recipe.peft, tok, False)
-    trainer = build_trainer(recipe, model, tok, train_ds, eval_ds, [])
+    trainer = build_trainer(recipe, model, tok, train_ds, eval_ds, RunHooks())
     model.train()
     batches = [b for _, b in zip(range(5), trainer.get_train_dataloader())]
 

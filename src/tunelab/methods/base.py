@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
-from tunelab.distributed.faults import Guards
+from tunelab.distributed.faults import Guards, NonFiniteGuard, PreemptionGuard
 from tunelab.errors import Problem, closest
 from tunelab.methods.common import Owned, Setting, training_fields
 from tunelab.specs import MethodBlock, RecipeSpec
@@ -68,8 +68,8 @@ class RunHooks:
     ``on_train_begin``/``on_log`` and runs the guards itself.
     """
 
-    callbacks: list[Any]  # transformers TrainerCallbacks of the run (metrics.jsonl)
-    guards: Guards
+    callbacks: list[Any] = field(default_factory=list)  # transformers TrainerCallbacks of the run (metrics.jsonl)
+    guards: Guards = field(default_factory=lambda: Guards(PreemptionGuard(), NonFiniteGuard("stop")))
 
     def trainer_callbacks(self) -> list[Any]:
         """The callbacks plus the guards as transformers callbacks (preemption, non-finite, divergence)."""

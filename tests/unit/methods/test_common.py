@@ -14,6 +14,7 @@ from tunelab.models.load import load_tokenizer
 from tunelab.recipe.validate import validate
 from tunelab.runs import RunDir
 from tunelab.train import prepare_data, prepare_model
+from tunelab.methods.base import RunHooks
 
 CASES = {
     "sft": ("recipes/quickstart/sft.yaml", ['data.train=[{source: "builtin:quickstart/sft", format: messages, '
@@ -60,7 +61,7 @@ def _one_step(tmp_path, case: str, checkpointing: bool) -> tuple[float, dict, in
     model = prepare_model(resolved, run, tokenizer)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     grab = Grab()
-    trainer = resolved.method.build_trainer(resolved.recipe, model, tokenizer, train_ds, None, [grab])
+    trainer = resolved.method.build_trainer(resolved.recipe, model, tokenizer, train_ds, None, RunHooks([grab]))
     calls: list[int] = []
     for layer in base.model.layers:  # the policy's (DPO's reference copy is made by now, and not counted)
         # inside the checkpointed layer: runs again when the backward recomputes it (module hooks do not fire there)

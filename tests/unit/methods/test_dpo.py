@@ -21,6 +21,7 @@ build_trainer = METHODS["dpo"].build_trainer
 from tunelab.models.builtin import builtin_model, builtin_tokenizer  # noqa: E402
 from tunelab.models.peft import apply_peft  # noqa: E402
 from tunelab.recipe.load import load_recipe  # noqa: E402
+from tunelab.methods.base import RunHooks
 
 PAIRS = {"prompt_ids": [[5, 6, 7, 8], [9, 10]], "chosen_ids": [[11, 12, 13], [14]], "rejected_ids": [[15], [16, 17]]}
 
@@ -43,7 +44,7 @@ def test_peft_dpo_keeps_one_copy_and_reference_is_base(tmp_path):
     recipe = _recipe(tmp_path, "peft={method: lora, r: 4, alpha: 8, target_modules: all-linear}")
     tok = builtin_tokenizer()
     model = apply_peft(builtin_model("tiny-llama"), recipe.peft, tok)
-    trainer = build_trainer(recipe, model, tok, Dataset.from_dict(PAIRS), None, [])
+    trainer = build_trainer(recipe, model, tok, Dataset.from_dict(PAIRS), None, RunHooks())
 
     # no reference model and no reference adapter: the reference is the base with adapters disabled
     assert trainer.ref_model is None
@@ -69,7 +70,7 @@ def test_peft_dpo_keeps_one_copy_and_reference_is_base(tmp_path):
 def test_full_finetune_reference_is_a_frozen_copy_of_the_start(tmp_path):
     recipe = _recipe(tmp_path)
     model = builtin_model("tiny-llama")
-    trainer = build_trainer(recipe, model, builtin_tokenizer(), Dataset.from_dict(PAIRS), None, [])
+    trainer = build_trainer(recipe, model, builtin_tokenizer(), Dataset.from_dict(PAIRS), None, RunHooks())
     ref = trainer.ref_model
     assert ref is not None and ref is not trainer.model
     assert all(not p.requires_grad for p in ref.parameters())
@@ -81,11 +82,11 @@ def test_precompute_and_explicit_reference(tmp_path):
     ref_dir = tmp_path / "ref"
     builtin_model("tiny-qwen2").save_pretrained(ref_dir)
     recipe = _recipe(tmp_path / "a", f"method.reference={ref_dir}")
-    trainer = build_trainer(recipe, builtin_model("tiny-llama"), builtin_tokenizer(), Dataset.from_dict(PAIRS), None, [])
+    trainer = build_trainer(recipe, builtin_model("tiny-llama"), builtin_tokenizer(), Dataset.from_dict(PAIRS), None, RunHooks())
     assert type(trainer.ref_model).__name__ == "Qwen2ForCausalLM"
 
     recipe = _recipe(tmp_path / "b", "method.precompute_ref_log_probs=true")
-    trainer = build_trainer(recipe, builtin_model("tiny-llama"), builtin_tokenizer(), Dataset.from_dict(PAIRS), None, [])
+    trainer = build_trainer(recipe, builtin_model("tiny-llama"), builtin_tokenizer(), Dataset.from_dict(PAIRS), None, RunHooks())
     assert trainer.ref_model is None
     batch = DataCollatorForPreference(pad_token_id=0)([{k: PAIRS[k][i] for k in PAIRS} for i in range(2)])
     expected = _summed_logps(builtin_model("tiny-llama").eval(), batch)
@@ -111,7 +112,7 @@ def _trainer(tmp_path, method: str, overrides=()):
     model = builtin_model("tiny-llama", head=module.model_head)
     if module.model_head == "score":
         model.config.pad_token_id = 0
-    return module.build_trainer(recipe, model, builtin_tokenizer(), _pairs(), None, []), recipe
+    return module.build_trainer(recipe, model, builtin_tokenizer(), _pairs(), None, RunHooks()), recipe
 
 
 # Hand-made batch: 3 pairs. Per-token log-probs of each response token, for policy and reference.

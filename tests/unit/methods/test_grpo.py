@@ -10,6 +10,7 @@ import statistics
 import textwrap
 
 import pytest
+from tunelab.methods.base import RunHooks
 
 
 @pytest.mark.parametrize("scale", ["group", "none"])
@@ -38,7 +39,7 @@ def test_group_normalised_advantages(tmp_path, monkeypatch, scale: str) -> None:
     })
     tok = builtin_tokenizer()
     train_ds, _, _ = build_datasets(recipe, tok)
-    trainer = build_trainer(recipe, builtin_model("tiny-llama"), tok, train_ds, None, [])
+    trainer = build_trainer(recipe, builtin_model("tiny-llama"), tok, train_ds, None, RunHooks())
     rows = [train_ds[0]] * 4 + [train_ds[1]] * 4  # TRL's sampler repeats each prompt num_generations times
     rows = [{k: v for k, v in r.items() if k != "prompt_ids"} for r in rows]
     out = trainer._generate_and_score_completions(rows)

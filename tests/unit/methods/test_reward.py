@@ -13,6 +13,7 @@ from datasets import Dataset
 
 from tunelab.models.builtin import builtin_model, builtin_tokenizer
 from tunelab.recipe.load import load_recipe
+from tunelab.methods.base import RunHooks
 
 
 def log_sigmoid(x: float) -> float:
@@ -33,7 +34,7 @@ def _trainer(tmp_path, method: str, overrides=()):
     model = builtin_model("tiny-llama", head=module.model_head)
     if module.model_head == "score":
         model.config.pad_token_id = 0
-    return module.build_trainer(recipe, model, builtin_tokenizer(), _pairs(), None, []), recipe
+    return module.build_trainer(recipe, model, builtin_tokenizer(), _pairs(), None, RunHooks()), recipe
 
 
 class StubReward(torch.nn.Module):

@@ -15,6 +15,7 @@ from trl import SFTConfig, SFTTrainer
 from tunelab.methods import sft
 from tunelab.models import attention
 from tunelab.models.builtin import builtin_model, builtin_tokenizer
+from tunelab.methods.base import RunHooks
 
 
 def _rows(n: int = 6) -> list[dict]:
@@ -170,7 +171,7 @@ def test_sdpa_recipe_uses_row_collator(tmp_path):
 
     recipe = load_recipe("recipes/quickstart/sft.yaml", [f"train.output_dir={tmp_path}", "train.report_to=[none]"]).recipe
     rows = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (30, 40, 50)]
-    trainer = build_trainer(recipe, builtin_model("tiny-llama"), builtin_tokenizer(), Dataset.from_list(rows), None, [])
+    trainer = build_trainer(recipe, builtin_model("tiny-llama"), builtin_tokenizer(), Dataset.from_list(rows), None, RunHooks())
     assert isinstance(trainer.data_collator, PackedRowsCollator)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1  # three short rows best-fit into one packed row of 120
@@ -194,5 +195,5 @@ def test_sft_trainer_on_packed_rows_uses_it(tmp_path):
 
     with mock.patch.object(sft.SFT, "trl_config", return_value=args):
         built = sft.SFT().build_trainer(mock.Mock(), builtin_model("tiny-llama"), builtin_tokenizer(),
-                                        Dataset.from_list(rows), None, [])
+                                        Dataset.from_list(rows), None, RunHooks())
     assert built.model.config._attn_implementation == attention.NAME

@@ -14,6 +14,7 @@ from tunelab.models.builtin import builtin_model, builtin_tokenizer
 from tunelab.models.peft import apply_peft
 from tunelab.patches.mla.attention import MLAAttention
 from tunelab.specs import LoraSpec
+from tunelab.methods.base import RunHooks
 
 IDS = torch.tensor([[1, 100, 200, 300, 400, 2, 17, 99]])
 
@@ -136,7 +137,7 @@ def test_training_moves_the_adapter_only(method, tmp_path):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     adapter = {k for k in before if any(m in k for m in ADAPTER_MARKERS)}
     assert adapter and len(adapter) < len(before)
-    trainer = resolved.method.build_trainer(resolved.recipe, model, tokenizer, train_ds, None, [])
+    trainer = resolved.method.build_trainer(resolved.recipe, model, tokenizer, train_ds, None, RunHooks())
     trainer.train()
 
     after = model.state_dict()

@@ -6,6 +6,7 @@ from datasets import Dataset
 from tunelab.models.builtin import builtin_model, builtin_tokenizer
 from tunelab.models.peft import apply_peft
 from tunelab.recipe.load import load_recipe
+from tunelab.methods.base import RunHooks
 
 PROMPTS = ["What colour is a frost bell?", "What colour is a sun drop?", "Name a colour.", "Say hi."]
 
@@ -39,7 +40,7 @@ def _trainer(tmp_path):
              "prompt_ids": tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]} for p in PROMPTS]
     ds = Dataset.from_list(rows)
-    return PPOTrainer(recipe, policy, tok, ds, []), rm, tok
+    return PPOTrainer(recipe, policy, tok, ds, RunHooks()), rm, tok
 
 
 def test_ppo_four_models_under_peft(tmp_path):
