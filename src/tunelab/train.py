@@ -251,6 +251,9 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     guards = Guards(PreemptionGuard().install(), NonFiniteGuard(t.on_nonfinite),
                     DivergenceGuard(t.on_divergence, t.divergence.factor, t.divergence.patience, method.divergence_metric))
     preemption = guards.preemption
+    if t.on_divergence != "off" and method.divergence_metric is None:
+        say(f"train.on_divergence: method {method.name} logs no loss that shows a divergence (see its docs); the "
+            "non-finite guard and the held-out comparison still run")
     (run.root / PREEMPTED_FILE).unlink(missing_ok=True)
     trainer = method.build_trainer(recipe, model, tokenizer, train_ds, eval_ds, RunHooks([metrics_callback(run)], guards))
     accelerator = trainer.accelerator

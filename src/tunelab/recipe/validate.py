@@ -65,18 +65,15 @@ def eval_problems(recipe: "Recipe") -> list[Problem]:
     return harness.task_problems(spec.tasks, spec.include, "eval.lm_eval.tasks", "eval.lm_eval.include")
 
 
-def guard_problems(recipe: "Recipe", method: Method) -> tuple[list[Problem], list[str]]:
-    """The fault guards' settings against the strategy and the method (problems, notes)."""
-    problems, notes = [], []
+def guard_problems(recipe: "Recipe") -> list[Problem]:
+    """The fault guards' settings against the strategy."""
+    problems = []
     if recipe.train.on_nonfinite == "skip" and recipe.distributed.strategy.startswith("zero"):
         problems.append(Problem("train.on_nonfinite", f"skip cannot run under {recipe.distributed.strategy}: DeepSpeed's "
                                 "engine updates the weights inside backward, before a step's gradients can be dropped",
                                 "use stop (the run stops at the step, its last checkpoint kept; resume with a lower "
                                 "learning rate), or a strategy outside DeepSpeed (none, ddp)"))
-    if recipe.train.on_divergence != "off" and method.divergence_metric is None:
-        notes.append(f"train.on_divergence: method {method.name} logs no loss that a divergence shows in (see its "
-                     "docs); the non-finite guard and the held-out comparison still run")
-    return problems, notes
+    return problems
 
 
 def reward_column_problems(checked: list[CheckedSource], rewards: list[Any]) -> list[Problem]:
@@ -174,9 +171,7 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     problems, notes, checked = check_data(recipe, accepted_formats=method.formats)
     problems += report_to_problems(recipe)
     problems += eval_problems(recipe)
-    found, guard_notes = guard_problems(recipe, method)
-    problems += found
-    notes += guard_notes
+    problems += guard_problems(recipe)
 
     found, distributed_notes = distributed_problems(recipe, int(os.environ.get("WORLD_SIZE", "1")))
     problems += found
