@@ -57,6 +57,16 @@ def test_missing_file_and_offline_hub(tmp_path):
 
 CHAT3 = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
 
+def test_a_lone_surrogate_read_from_a_json_escape_is_named_with_its_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": CHAT3}) + "\n" + '{"messages": [{"role": "user", "content": "x\\udbff"}, '
+                    '{"role": "assistant", "content": "y"}]}\n')
+    rows = list(iter_local(path))
+    assert [n for n, _ in rows] == [1, 2]
+    with pytest.raises(BadRow, match=r"lone surrogate \\udbff at character 1"):
+        convert(rows[1][1], DataSource(source="x.jsonl"))
+
+@pytest.mark.parametrize("line, why", [
     ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply for the reader"),
     ('{"messages": [], "id": ' + "7" * 5000 + "}", "Exceeds the limit (4300 digits)"),
 ], ids=["recursion", "int-digits"])
