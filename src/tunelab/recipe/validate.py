@@ -120,13 +120,14 @@ def reward_row_checks(rewards: list[RewardSpec]) -> list[RowCheck]:
     return checks
 
 
-def control_for_checks(recipe: "Recipe") -> tuple[ControlTokens | None, Any, str | None]:
-    """(the control tokens validate searches every row for, the tokenizer if it had to be loaded, a note).
+def control_for_checks(recipe: "Recipe") -> tuple[ControlTokens | None, Any]:
+    """(the control tokens validate searches every row for, or None; the tokenizer if it had to be loaded).
 
     Read from the tokenizer's files when they are here (the built-in tokenizer, a model folder, the hub
     cache): validate reads every row before it imports transformers, so that a bad row is reported in a
     second. A tokenizer without such files (GGUF) is loaded, and handed on to the template check. A model
-    that does not exist yet (a chain's later step) is checked when training tokenizes the data.
+    that does not exist yet (a chain's later step, already noted as missing) is checked when training
+    tokenizes the data; a tokenizer that cannot be had here is said by the template check.
     """
     spec = recipe.model
     extra = {REGISTRY[spec.chat_template].end_of_turn} if spec.chat_template in REGISTRY else set()
@@ -136,19 +137,18 @@ def control_for_checks(recipe: "Recipe") -> tuple[ControlTokens | None, Any, str
         folder = None
     elif Path(spec.path).expanduser().is_dir():
         folder = Path(spec.path).expanduser()
-    elif missing_local_model(spec.path) is not None:  # a chain's later step: training checks every row again
-        return None, None, (f"control tokens not checked: the tokenizer of {spec.path} does not exist yet (training "
-                            "checks every row once it does)")
+    elif missing_local_model(spec.path) is not None:  # a chain's later step, noted as such: training checks the rows
+        return None, None
     else:
         folder = _hub_cache_folder(spec.path, spec.revision)
     found = control_tokens_from_files(folder) if folder is not None else None
     if found is not None:
-        return ControlTokens(set(found.tokens) | extra), None, None
+        return ControlTokens(set(found.tokens) | extra), None
     try:
         tok = load_tokenizer(spec)
-    except UserError:
-        return None, None, None  # said by the template check
-    return control_tokens(tok), tok, None
+    except UserError:  # a built-in or GGUF one is a problem of the template check; a hub one is noted there
+        return None, None
+    return control_tokens(tok), tok
 
 
 def _hub_cache_folder(repo: str, revision: str | None) -> Path | None:
@@ -250,10 +250,9 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     recipe = loaded.recipe
     method = method_of(recipe.method)
     rewards = method.reward_specs(recipe)
-    control, tok, control_note = control_for_checks(recipe)
+    control, tok = control_for_checks(recipe)
     problems, notes, checked = check_data(recipe, accepted_formats=method.formats, control=control,
                                           row_checks=reward_row_checks(rewards))
-    notes += [control_note] if control_note else []
     problems += report_to_problems(recipe)
     problems += eval_problems(recipe)
 
