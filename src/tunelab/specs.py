@@ -145,6 +145,11 @@ class DataSpec(Strict):
         "first), or stop with an error; counts are reported either way")
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="a row that does not fit its format: stop naming file and row, or skip it (counted)")
+    control_tokens: Literal["error", "as_text"] = Field(
+        "error", description="text in a row that spells a control token of the tokenizer (e.g. <|im_end|>, "
+        "<|im_start|>: it would render a fake turn inside the row): a bad row naming the token (see on_bad_row), "
+        "or as_text: encode it as plain text, never as the token's id (not for prompt rows, which the trainer "
+        "renders)")
     train_on_prompt: bool = Field(False, description="also put loss on user/system/prompt tokens")
     packing: bool = Field(True, description="best-fit packing without cross-example attention (padding-free with flash-attention)")
     seed: int = Field(42, description="seed of the mixture sampling, the eval_split and the shuffle")

@@ -21,11 +21,17 @@ the row (a reference ``answer``, a task id...) is kept as it is and handed to th
 functions.
 
 A row that cannot be converted raises ``BadRow`` with the reason; the caller adds file and
-row number and either stops or counts and skips it (``data.on_bad_row``).
+row number and either stops or counts and skips it (``data.on_bad_row``). Every value a canonical
+row carries is checked too (``check_values``): text is valid Unicode (a lone surrogate from a JSON
+``\\ud800`` escape would crash the tokenizer), numbers are finite (a NaN margin would stop training at
+step 1 without naming the row), and free-form values (tool-call arguments, tool schemas, extra
+columns) are nested at most ``MAX_DEPTH`` deep with integers that fit in 64 bits.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,6 +52,10 @@ REQUIRED_FIELDS = {
     "preference": ("chosen", "rejected"),
     "prompt": ("prompt",),
 }
+
+
+MAX_DEPTH = 32  # nesting of a free-form value (tool-call arguments, tool schemas, extra columns)
+INT64 = (-(2**63), 2**63 - 1)  # integers outside this do not fit an Arrow column (extra columns go into one)
 
 
 class BadRow(ValueError):
@@ -287,10 +297,31 @@ def to_preference(row: Any, src: "DataSource") -> dict[str, Any]:
         raise BadRow("chosen and rejected are identical")
     margin = _field(row, "margin", fm, required=False)
     if margin is not None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise BadRow(f"margin must be a number, got {margin!r}")
-        out["margin"] = float(margin)
+        col = fm.get("margin", "margin")
+        out["margin"] = finite_number(margin, "margin" if col == "margin" else f"margin (column {col!r})")
     return out
+
+
+def finite_number(value: Any, what: str) -> float:
+    """A number a method reads (a margin) as a float: refused when it is not a number, or not finite.
+
+    A bool is not a number here (``true`` is a column type mistake); NaN or infinity would reach the
+    loss and stop training at its first step without naming the row.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRow(f"{what} must be a number, got {_short(value)} ({type(value).__name__})")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise BadRow(f"{what} is an integer of {len(str(value))} digits, too large for a number") from None
+    if not math.isfinite(number):
+        raise BadRow(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def to_prompt(row: Any, src: "DataSource") -> dict[str, Any]:
@@ -318,11 +349,120 @@ def to_prompt(row: Any, src: "DataSource") -> dict[str, Any]:
 
 
 def convert(row: Any, src: "DataSource") -> dict[str, Any]:
-    """The canonical row of ``src.format``: a preference pair, a prompt-only row or an SFT row."""
+    """The canonical row of ``src.format`` (a preference pair, a prompt-only row or an SFT row), every value checked."""
+    return convert_keyed(row, src)[0]
+
+
+def convert_keyed(row: Any, src: "DataSource") -> tuple[dict[str, Any], str]:
+    """(canonical row, its canonical JSON): the JSON is what ``check_values`` checked, and identifies the row.
+
+    Two rows with the same canonical JSON render identically with any chat template (validate counts the
+    eval rows that are also training rows with it).
+    """
     if isinstance(row, Unreadable):
         raise BadRow(row.reason)
     if src.format == "preference":
-        return to_preference(row, src)
-    if src.format == "prompt":
-        return to_prompt(row, src)
-    return to_canonical(row, src)
+        canonical = to_preference(row, src)
+    elif src.format == "prompt":
+        canonical = to_prompt(row, src)
+    else:
+        canonical = to_canonical(row, src)
+    return canonical, check_values(canonical, src.format)
+
+
+# ------------------------------------------------------------------------------------------- values
+
+def check_values(canonical: dict[str, Any], fmt: str = "messages") -> str:
+    """The canonical row as JSON text (sorted keys), or BadRow naming the first value that cannot be used.
+
+    One C-speed ``json.dumps`` checks the common case, every row: a string with a lone surrogate cannot be
+    encoded as UTF-8 (the tokenizer would fail with a TypeError naming nothing) and a NaN or infinity is
+    refused by ``allow_nan=False``. Only a row that fails is walked, to name the field. Free-form values
+    (tool-call arguments, tool schemas, a prompt row's extra columns) are also walked for depth and
+    integer size, which JSON itself allows. ``fmt``: the source's format (a prompt row's other keys are its
+    extra columns, whatever their names).
+    """
+    try:
+        try:
+            text = _SORTED.encode(canonical)
+        except TypeError:  # keys that do not sort (mixed types in a hub dataset's mapping)
+            text = _UNSORTED.encode(canonical)
+        text.encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        raise BadRow(_bad_value(canonical, "", 0) or "a value of this row cannot be written as JSON text") from None
+    # only rows with free-form values are walked (the key is in the text: a plain chat row costs nothing)
+    if '"tool_calls": ' in text or '"tools": ' in text or fmt == "prompt":
+        _free_form_problems(canonical, fmt)
+    return text
+
+
+# built once: json.dumps with options builds a new encoder per call, a third of the cost on short rows
+_SORTED = json.JSONEncoder(ensure_ascii=False, allow_nan=False, sort_keys=True, default=str)
+_UNSORTED = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=str)
+
+
+def _path(parent: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else str(key)
+
+
+def _bad_value(value: Any, path: str, depth: int) -> str | None:
+    """What is wrong with the first unusable value under ``value`` (a lone surrogate, NaN, infinity), or None."""
+    if depth > MAX_DEPTH:
+        return f"{path or 'the row'} is nested more than {MAX_DEPTH} levels deep"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = value[exc.start]
+            return (f"{path or 'a value'} is not valid Unicode text: lone surrogate \\u{ord(bad):04x} at character "
+                    f"{exc.start} (half of a UTF-16 pair, e.g. from a JSON \\u{ord(bad):04x} escape without its "
+                    "partner); fix the text or drop the row")
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path or 'a value'} is {value!r}: numbers must be finite"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and (why := _bad_value(k, f"a key of {path or 'the row'}", depth)):
+                return why
+            if why := _bad_value(v, _path(path, k), depth + 1):
+                return why
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if why := _bad_value(v, _path(path, i), depth + 1):
+                return why
+    return None
+
+
+def _free_form_problems(canonical: dict[str, Any], fmt: str) -> None:
+    """Depth and integer size of the values a row may nest freely: JSON allows both, Arrow and renderers do not."""
+    parts: list[tuple[str, Any]] = []
+    for key in ("prompt",) if fmt == "prompt" else ("messages", "prompt", "chosen", "rejected"):
+        msgs = canonical.get(key)
+        if isinstance(msgs, list):  # canonical messages: dicts, with tool_calls only where a message has them
+            parts += [(f"{key}[{i}].tool_calls", m["tool_calls"]) for i, m in enumerate(msgs) if "tool_calls" in m]
+    if fmt == "prompt":  # every other key of a prompt row is an extra column, whatever its name
+        parts += [(f"column {k!r}", v) for k, v in canonical.items() if k != "prompt"]
+    elif "tools" in canonical:
+        parts.append(("tools", canonical["tools"]))
+    for path, value in parts:
+        if why := _nesting(value, path, 1):
+            raise BadRow(why)
+
+
+def _nesting(value: Any, path: str, depth: int) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if not INT64[0] <= value <= INT64[1]:
+            return f"{path} is an integer of {len(str(abs(value)))} digits: more than 64 bits (write it as text)"
+        return None
+    if isinstance(value, (dict, list, tuple)):
+        if depth > MAX_DEPTH:
+            return f"{path} is nested more than {MAX_DEPTH} levels deep"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            if why := _nesting(v, _path(path, k), depth + 1):
+                return why
+    return None

@@ -9,16 +9,22 @@ become ``prompt`` (messages, for TRL) + ``prompt_ids`` + their extra columns; a 
 Rows that overflow are truncated, dropped or reported as errors as the recipe says; bad rows
 stop the run with file and row, or are counted and skipped. The counts go into a
 ``DataReport`` that is printed and saved in the run directory: nothing is lost silently.
+
+A bad row is one that does not fit its format, one whose values cannot be used (``formats.check_values``:
+invalid Unicode, a non-finite number, a value nested too deep), one whose text holds a control token of the
+tokenizer (``data.control_tokens: error``; ``as_text`` encodes such text as plain tokens instead), and for
+prompt rows one whose extra column changes type from row to row (the columns become Arrow columns).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert
+from tunelab.data.formats import REQUIRED_FIELDS, BadRow, convert_keyed
 from tunelab.data.sources import Resolved, Sha256Reader, fingerprint, iter_rows, resolve_source
+from tunelab.data.templates import ControlTokens, control_tokens
 from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_prompt, encode_row
 from tunelab.errors import DataError, Problem
 from tunelab.specs import DataSource, DataSpec, RecipeSpec
@@ -74,6 +80,69 @@ class DataReport:
         return asdict(self)
 
 
+class ColumnKinds:
+    """The type of each extra column of prompt rows, as the first row with a value gave it.
+
+    The rows become one Arrow table for the trainer, and an Arrow column holds one type: an ``answer`` that
+    is text on row 1 and a number on row 900 would stop training when the table is built, naming nothing.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[str, str]] = {}  # column -> (kind, where it was first seen)
+
+    def check(self, canonical: dict[str, Any], where: Callable[[], str]) -> None:
+        """BadRow if a column's type differs from its first row's; ``where`` names this row (called rarely)."""
+        found = [(k, _kind(v)) for k, v in canonical.items() if k != "prompt" and v is not None]
+        for column, kind in found:
+            seen = self.first.get(column)
+            if seen is not None and seen[0] != kind:
+                raise BadRow(f"column {column!r} is {kind} here but {seen[0]} in {seen[1]}: a column holds one type "
+                             f"(write every value as {seen[0]})")
+        for column, kind in found:
+            if column not in self.first:
+                self.first[column] = (kind, where())
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def printable(exc: Exception) -> str:
+    """A bad row's reason as text any terminal (and data_report.json) takes: a lone surrogate the row carried
+    into the message (an unknown role, a key) is written as its escape instead of failing the print."""
+    return str(exc).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def control_problem(control: ControlTokens | None, canonical: dict[str, Any], fmt: str, row_json: str,
+                    mode: str) -> None:
+    """BadRow when the rendered text of a row holds a control token and it may not be encoded as text.
+
+    Prompt rows are refused under either mode: trainers render them again themselves (TRL applies the
+    chat template), so tunelab cannot encode their control-token text as plain tokens.
+    """
+    if control is None or (mode == "as_text" and fmt != "prompt"):
+        return
+    hit = control.find(canonical, fmt, row_json)
+    if hit is None:
+        return
+    where, token = hit
+    fix = ("remove it from the prompt (prompt rows are rendered by the trainer, so data.control_tokens: as_text "
+           "does not apply to them)" if fmt == "prompt" else
+           "remove it, or set data.control_tokens: as_text to train on it as plain text")
+    raise BadRow(f"{where} holds the text {token!r}, a control token of the tokenizer: it would be read as the "
+                 f"token itself (a fake turn or end of text inside the row); {fix}")
+
+
 def _overflow(where: str, n: int, data_spec: "DataSpec") -> None:
     if data_spec.on_overflow == "error":
         raise DataError(Problem(where, f"{n} tokens, more than data.max_length={data_spec.max_length}",
@@ -81,9 +150,9 @@ def _overflow(where: str, n: int, data_spec: "DataSpec") -> None:
 
 
 def _encode_sft(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: "DataSpec",
-                report: SourceReport) -> dict[str, Any] | None:
+                report: SourceReport, literal: ControlTokens | None) -> dict[str, Any] | None:
     max_len = data_spec.max_length
-    ids, labels = encode_row(tokenizer, canonical, data_spec.train_on_prompt)
+    ids, labels = encode_row(tokenizer, canonical, data_spec.train_on_prompt, literal)
     report.count_length(len(ids), max_len)
     if len(ids) > max_len:
         _overflow(where, len(ids), data_spec)
@@ -101,9 +170,9 @@ def _encode_sft(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec
 
 
 def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: "DataSpec",
-                       report: SourceReport) -> dict[str, Any] | None:
+                       report: SourceReport, literal: ControlTokens | None) -> dict[str, Any] | None:
     max_len = data_spec.max_length
-    p, c, r = encode_pair(tokenizer, canonical)
+    p, c, r = encode_pair(tokenizer, canonical, literal)
     longest = len(p) + max(len(c), len(r))
     report.count_length(longest, max_len)
     if longest > max_len:
@@ -125,7 +194,7 @@ def _encode_preference(canonical: dict[str, Any], where: str, tokenizer: Any, da
 
 
 def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_spec: "DataSpec",
-                   report: SourceReport) -> dict[str, Any] | None:
+                   report: SourceReport, literal: ControlTokens | None) -> dict[str, Any] | None:
     ids = encode_prompt(tokenizer, canonical["prompt"])
     report.count_length(len(ids), data_spec.max_length)
     if len(ids) > data_spec.max_length:
@@ -136,27 +205,38 @@ def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_s
     return {**canonical, "prompt_ids": ids}
 
 
-def encode_source(src: "DataSource", key: str, tokenizer: Any, data_spec: "DataSpec") -> tuple[list[dict[str, Any]], SourceReport]:
-    """Read, convert and tokenize one source, applying the overflow and bad-row rules."""
+def encode_source(src: "DataSource", key: str, tokenizer: Any, data_spec: "DataSpec",
+                  kinds: ColumnKinds | None = None) -> tuple[list[dict[str, Any]], SourceReport]:
+    """Read, convert and tokenize one source, applying the overflow and bad-row rules.
+
+    ``kinds``: the extra-column types of prompt rows seen so far (shared by the sources of one dataset).
+    """
     resolved = resolve_source(src.source, key)
     report = SourceReport(source=resolved.label)
     examples: list[dict[str, Any]] = []
     encode = {"preference": _encode_preference, "prompt": _encode_prompt}.get(src.format, _encode_sft)
+    control = control_tokens(tokenizer) or None
+    mode = data_spec.control_tokens
+    literal = control if mode == "as_text" and src.format != "prompt" else None
+    kinds = kinds if kinds is not None else ColumnKinds()
     has_margin: set[bool] = set()
     for rowno, row in iter_rows(src, resolved):
         report.rows += 1
         where = resolved.row(rowno)
         try:
-            canonical = convert(row, src)
+            canonical, row_json = convert_keyed(row, src)
+            control_problem(control, canonical, src.format, row_json, mode)
+            if src.format == "prompt":
+                kinds.check(canonical, lambda: where)
         except BadRow as exc:
             if data_spec.on_bad_row == "error":
-                raise DataError(Problem(where, str(exc), "fix the row, or set data.on_bad_row: skip")) from None
+                raise DataError(Problem(where, printable(exc), "fix the row, or set data.on_bad_row: skip")) from None
             report.skipped_bad += 1
             if len(report.bad_examples) < 5:
-                report.bad_examples.append(f"{where}: {exc}")
+                report.bad_examples.append(f"{where}: {printable(exc)}")
             continue
         try:
-            example = encode(canonical, where, tokenizer, data_spec, report)
+            example = encode(canonical, where, tokenizer, data_spec, report, literal)
         except TemplateMismatch as exc:  # never trained with a guessed mask, and not skippable: the template is wrong
             raise DataError(Problem(f"model.chat_template: {where}", str(exc))) from None
         if example is None:
@@ -210,14 +290,15 @@ def build_datasets(recipe: "RecipeSpec", tokenizer: Any) -> tuple[Any, Any, Data
     d = recipe.data
     report = DataReport(max_length=d.max_length, on_overflow=d.on_overflow)
     parts = []
+    kinds = ColumnKinds()
     for i, src in enumerate(d.train):
-        rows, r = encode_source(src, f"data.train[{i}].source", tokenizer, d)
+        rows, r = encode_source(src, f"data.train[{i}].source", tokenizer, d, kinds)
         parts.append(rows)
         report.train.append(r)
     train = mix(parts, d.train, d.seed)
     eval_parts = []
     for i, src in enumerate(d.eval):
-        rows, r = encode_source(src, f"data.eval[{i}].source", tokenizer, d)
+        rows, r = encode_source(src, f"data.eval[{i}].source", tokenizer, d, kinds)
         eval_parts.append(rows)
         report.eval.append(r)
     eval_rows = mix(eval_parts, d.eval, d.seed)
@@ -271,21 +352,33 @@ class CheckedSource:
     rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (row number, canonical row), local only
 
 
+RowCheck = Callable[[dict[str, Any]], None]  # a check of one canonical prompt row that raises BadRow
+
+
 def check_data(recipe: "RecipeSpec", first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None,
+               control: ControlTokens | None = None, row_checks: Sequence[RowCheck] = (),
                ) -> tuple[list[Problem], list[str], list[CheckedSource]]:
     """Resolve every source and convert its rows; (problems, notes, checked sources). No model, no tokenizer.
 
     Local and bundled files are read whole (up to ``LOCAL_CHECK_ROWS`` rows), so a bad row
     anywhere (an identical preference pair on row 9000) stops the run here, not mid-training;
-    the same read hashes the file for the lock file. Hub datasets are checked on their first
-    rows; one that cannot be reached offline is a note, not a problem: validate runs on machines
-    without hub access (CI), and training will load it where the hub is reachable.
+    the same read hashes the file for the lock file. Every value of every row is checked
+    (``formats.check_values``), and with ``control`` (the tokenizer's control tokens, read from its files)
+    every row's text is searched for them; ``row_checks`` (the reward columns a method reads) run on
+    every prompt row. Bad rows are problems under ``data.on_bad_row: error`` and a counted note under
+    ``skip``. Eval rows that are also training rows (the same canonical row, so the same rendering) are
+    a note with their count. Hub datasets are checked on their first rows; one that cannot be reached
+    offline is a note, not a problem: validate runs on machines without hub access (CI), and training
+    will load it where the hub is reachable.
     """
     import os
 
     problems: list[Problem] = []
     notes: list[str] = []
     checked: list[CheckedSource] = []
+    mode = recipe.data.control_tokens
+    kinds = ColumnKinds()
+    train_rows: set[int] | None = set() if recipe.data.eval else None  # hashes of the training rows' JSON
     for split in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, split)):
             key = f"data.{split}[{i}]"
@@ -301,30 +394,53 @@ def check_data(recipe: "RecipeSpec", first_rows: int = 5, accepted_formats: tupl
                     checked.append(CheckedSource(key, src, resolved, fingerprint(src, resolved)))
                     continue
                 limit = LOCAL_CHECK_ROWS if resolved.is_local else first_rows
+                checks = row_checks if src.format == "prompt" else ()
                 reader = Sha256Reader(resolved.path) if resolved.path is not None else None
                 try:  # a file that stops parsing (invalid JSON) is closed here, not when collected
-                    n, bad = 0, 0
+                    n, bad, duplicates = 0, 0, 0
+                    skipped: list[str] = []
                     kept: list[tuple[int, dict[str, Any]]] = []
                     for rowno, row in iter_rows(src, resolved, limit=limit, reader=reader):
                         n += 1
                         try:
-                            canonical = convert(row, src)
-                            if resolved.is_local and len(kept) < KEEP_ROWS:
-                                kept.append((rowno, canonical))
+                            canonical, row_json = convert_keyed(row, src)
+                            control_problem(control, canonical, src.format, row_json, mode)
+                            for check in checks:
+                                check(canonical)
+                            if src.format == "prompt":
+                                kinds.check(canonical, lambda rowno=rowno: resolved.row(rowno))  # type: ignore[misc]
                         except BadRow as exc:
+                            bad += 1
+                            where = resolved.row(rowno)
                             if recipe.data.on_bad_row == "error":
-                                bad += 1
                                 if bad <= MAX_ROW_PROBLEMS:
-                                    problems.append(Problem(f"{key}: {resolved.row(rowno)}", str(exc),
+                                    problems.append(Problem(f"{key}: {where}", printable(exc),
                                                             f"format is {src.format!r}; fix the data, the format or "
                                                             "field_map, or set data.on_bad_row: skip"))
+                            elif len(skipped) < 2:
+                                skipped.append(f"{where}: {printable(exc)}")
+                            continue
+                        if resolved.is_local and len(kept) < KEEP_ROWS:
+                            kept.append((rowno, canonical))
+                        if train_rows is not None:
+                            if split == "train":
+                                train_rows.add(hash(row_json))
+                            elif hash(row_json) in train_rows:
+                                duplicates += 1
                     digest = reader.finish() if reader is not None else None
                 finally:
                     if reader is not None:
                         reader.close()
                 checked.append(CheckedSource(key, src, resolved, fingerprint(src, resolved, digest), kept))
-                if bad > MAX_ROW_PROBLEMS:
+                if bad > MAX_ROW_PROBLEMS and recipe.data.on_bad_row == "error":
                     problems.append(Problem(f"{key}: {resolved.label}", f"{bad - MAX_ROW_PROBLEMS} more bad rows"))
+                if bad and recipe.data.on_bad_row == "skip":
+                    notes.append(f"{key}.source: {bad} of {n} rows of {resolved.label} are bad and will be skipped "
+                                 f"(data.on_bad_row: skip), e.g. {'; '.join(skipped)}")
+                if duplicates:
+                    notes.append(f"{key}.source: {duplicates} rows of {resolved.label} are also in the training data "
+                                 "(identical after conversion, so identical once rendered): eval loss on them "
+                                 "measures memorisation")
                 if n == 0:
                     problems.append(Problem(f"{key}.source", f"{resolved.label} has no rows"))
                 elif n == limit and resolved.is_local:
@@ -335,5 +451,5 @@ def check_data(recipe: "RecipeSpec", first_rows: int = 5, accepted_formats: tupl
     return problems, notes, checked
 
 
-__all__ = ["CheckedSource", "DataReport", "REQUIRED_FIELDS", "build_datasets", "check_data", "encode_source",
-           "source_fingerprints"]
+__all__ = ["CheckedSource", "ColumnKinds", "DataReport", "REQUIRED_FIELDS", "RowCheck", "build_datasets",
+           "check_data", "control_problem", "encode_source", "source_fingerprints"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -123,6 +122,13 @@ def _parse_json(path: Path, text: str) -> list[Any]:
     except json.JSONDecodeError as exc:
         raise DataError(Problem(f"{path} line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}",
                                 "a .json data file holds one JSON list of rows; one row per line is .jsonl")) from None
+    except RecursionError:  # one row nested thousands deep fails the whole list: no row number to name
+        raise DataError(Problem(str(path), "the JSON is nested too deeply for the reader (thousands of levels of "
+                                "[ or {) somewhere in the file", "save it as .jsonl (one row per line) to have "
+                                "the row named, or fix the nesting")) from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise DataError(Problem(str(path), f"the JSON reader cannot take this file: {exc}"[:300],
+                                "save it as .jsonl (one row per line) to have the row named")) from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:
@@ -156,12 +162,6 @@ class Sha256Reader:
         self.size += len(data)
         return data
 
-    def lines(self) -> Iterator[bytes]:
-        for line in self.fh:
-            self.hash.update(line)
-            self.size += len(line)
-            yield line
-
     def close(self) -> None:
         self.fh.close()
 
@@ -174,6 +174,32 @@ class Sha256Reader:
         return self.hash.hexdigest(), self.size
 
 
+MAX_ROW_BYTES = 64 << 20  # a jsonl line longer than this is a bad row: no text that long fits a context
+
+
+def _capped(readline: Any, cap: int, first: bytes = b"") -> Iterator[bytes | int]:
+    """Lines of a binary stream (``first``: what a ``readline(cap + 1)`` already took); a line over ``cap``
+    bytes is never held whole: its length comes instead.
+
+    So one giant line (a whole dataset saved without newlines, a base64 blob) is a bad row with its number,
+    not a MemoryError for the whole file.
+    """
+    while True:
+        line, first = first or readline(cap + 1), b""
+        if not line:
+            return
+        if len(line) <= cap or line.endswith(b"\n"):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = readline(1 << 20)
+            if not line:
+                break
+            size += len(line)
+        yield size
+
+
 def data_kind(path: Path) -> tuple[str, bool]:
     """(.jsonl/.json/.csv/.parquet, gzip-compressed) of a data file's name (``rows.jsonl.gz`` -> (.jsonl, True))."""
     suffixes = path.suffixes
@@ -182,27 +208,49 @@ def data_kind(path: Path) -> tuple[str, bool]:
     return path.suffix, False
 
 
-def _jsonl_rows(path: Path, lines: Iterator[bytes], limit: int | None) -> Iterator[tuple[int, Any]]:
+def _jsonl_rows(path: Path, lines: Iterator[bytes | int], limit: int | None) -> Iterator[tuple[int, Any]]:
+    """Rows of a jsonl file; a line the JSON reader cannot take (invalid, too deep, too long) is ``Unreadable``."""
     count = 0
     for lineno, raw in enumerate(lines, 1):
+        if isinstance(raw, int):
+            yield lineno, Unreadable(f"the line is {raw / (1 << 20):.0f} MiB, more than the {MAX_ROW_BYTES >> 20} MiB "
+                                     "a row may be (a file without line breaks? split it into one row per line)")
+            count += 1
+            if limit is not None and count >= limit:
+                return
+            continue
         if lineno == 1 and raw.startswith(UTF8_BOM):  # what Windows editors and Excel write
             raw = raw[len(UTF8_BOM):]
         line = _utf8(raw, "line")
         if isinstance(line, str):
             if not line.strip():
                 continue
-            try:
-                row: Any = json.loads(line)
-            except json.JSONDecodeError as exc:
-                hint = ("this looks like a JSON list: name the file .json" if lineno == 1 and line.lstrip()[:1] == "["
-                        else "each line of a .jsonl file must be one JSON object")
-                row = Unreadable(f"invalid JSON at column {exc.colno}: {exc.msg} ({hint})")
+            row = _json_row(line, lineno)
         else:
             row = line
         yield lineno, row
         count += 1
         if limit is not None and count >= limit:
             return
+
+
+def _json_row(line: str, lineno: int) -> Any:
+    """One jsonl line parsed, or ``Unreadable`` saying why the JSON reader refused it.
+
+    Besides invalid JSON the reader itself can fail on valid-looking text: nesting deeper than Python's
+    recursion limit (RecursionError) or an integer of more than 4300 digits (ValueError). Both are this
+    row's fault, so they are bad rows with the line's number, not a crash of the whole run.
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        hint = ("this looks like a JSON list: name the file .json" if lineno == 1 and line.lstrip()[:1] == "["
+                else "each line of a .jsonl file must be one JSON object")
+        return Unreadable(f"invalid JSON at column {exc.colno}: {exc.msg} ({hint})")
+    except RecursionError:
+        return Unreadable("the JSON is nested too deeply for the reader (thousands of levels of [ or {)")
+    except ValueError as exc:  # int digit limit
+        return Unreadable(f"the JSON reader cannot take this line: {exc}"[:300])
 
 
 def _csv_rows(path: Path, data: bytes, limit: int | None) -> Iterator[tuple[int, Any]]:
@@ -232,13 +280,71 @@ def _csv_rows(path: Path, data: bytes, limit: int | None) -> Iterator[tuple[int,
             return
 
 
+PARQUET_BATCH = 1024  # rows converted to Python at a time: a file is never held as Python objects whole
+
+
+def _parquet_rows(path: Path, data: bytes, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """Rows of a parquet file (1-based), read batch by batch on this thread.
+
+    Not ``pq.read_table``: it scans through Arrow's dataset layer on Arrow's thread pool, and a pool thread
+    may drop the last reference to the file's buffer (a Python ``bytes``) after the call returned. When that
+    happens while the interpreter is exiting (validate found a bad row and exits 2), the thread cannot take
+    the GIL, CPython ends it with ``pthread_exit``, and the unwind through Arrow's C++ frame aborts the
+    process ("terminate called without an active exception", exit 134). ``ParquetFile.iter_batches`` with
+    ``use_threads=False`` does every read, and every release, on the calling thread.
+
+    A batch that fails to become Python objects (e.g. a string that is not UTF-8) is converted row by row,
+    so only the row at fault is ``Unreadable``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+    except pa.ArrowException as exc:
+        raise file_error(path, f"not a readable parquet file: {exc}"[:300]) from None
+    rowno = 0
+    try:
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH, use_threads=False)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except pa.ArrowException as exc:  # a corrupt page: the rows after it cannot be located
+                raise file_error(path, f"cannot read the rows after row {rowno}: {exc}"[:300],
+                                 "the file is damaged; write it again") from None
+            try:
+                rows: list[Any] = batch.to_pylist()
+            except (pa.ArrowException, ValueError, OverflowError, RecursionError):
+                rows = [_parquet_row(batch, i) for i in range(batch.num_rows)]
+            for row in rows:
+                rowno += 1
+                yield rowno, row
+                if limit is not None and rowno >= limit:
+                    return
+    finally:
+        pf.close()
+
+
+def _parquet_row(batch: Any, i: int) -> Any:
+    import pyarrow as pa
+
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except (pa.ArrowException, ValueError, OverflowError, RecursionError) as exc:
+        return Unreadable(f"the parquet reader cannot convert this row: {type(exc).__name__}: {exc}"[:300])
+
+
 def iter_local(path: Path, limit: int | None = None, reader: Sha256Reader | None = None) -> Iterator[tuple[int, Any]]:
     """(row number, row) pairs of a local file; row numbers are 1-based (jsonl and csv: the line number).
 
     With a ``reader`` the bytes come through it (and are hashed on the way); otherwise the file is opened here.
     A UTF-8 byte-order mark, CRLF line ends and blank lines are read as the text they are; compressed or
     UTF-16 bytes under a text name stop with the file named; a ``.gz`` file is decompressed on the way.
-    A jsonl line that is not valid UTF-8 or JSON is yielded as ``Unreadable`` (a bad row, with its number).
+    A jsonl line that is not valid UTF-8 or JSON, that the JSON reader itself fails on (nesting, a huge
+    integer) or that is longer than ``MAX_ROW_BYTES`` is yielded as ``Unreadable`` (a bad row, with its
+    number); so is a parquet row that cannot be converted to Python.
     """
     kind, gz = data_kind(path)
     own = reader is None
@@ -251,9 +357,9 @@ def iter_local(path: Path, limit: int | None = None, reader: Sha256Reader | None
             stream = gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[call-overload]
         try:
             if kind == ".jsonl":
-                first = stream.readline()
+                first = stream.readline(MAX_ROW_BYTES + 1)
                 _sniff(path, first, "jsonl")
-                yield from _jsonl_rows(path, itertools.chain([first], stream if gz else source.lines()), limit)
+                yield from _jsonl_rows(path, _capped(stream.readline, MAX_ROW_BYTES, first), limit)
             elif kind == ".json":
                 data = stream.read()
                 _sniff(path, data[:8], "json")
@@ -269,16 +375,7 @@ def iter_local(path: Path, limit: int | None = None, reader: Sha256Reader | None
                 _sniff(path, data[:8], "csv")
                 yield from _csv_rows(path, data, limit)
             elif kind == ".parquet":
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                try:
-                    table = pq.read_table(io.BytesIO(source.read()))
-                except pa.ArrowException as exc:
-                    raise file_error(path, f"not a readable parquet file: {exc}"[:300]) from None
-                if limit is not None:
-                    table = table.slice(0, limit)
-                yield from enumerate(table.to_pylist(), 1)
+                yield from _parquet_rows(path, source.read(), limit)
         except (OSError, EOFError, zlib_error) as exc:  # a truncated or corrupt .gz
             raise file_error(path, f"cannot decompress: {exc}", "check the file is complete (gzip -t)") from None
     finally:

@@ -18,15 +18,25 @@ never the separator a template writes after the end-of-turn token. Three ways to
 
 The registry's training templates live in ``chat_templates/`` beside this file (our own text;
 the official templates they match are test assets, or TRL's copies, compared in the tests).
+
+Control tokens: a tokenizer turns the text of its special tokens (``<|im_end|>``, ``<|eot_id|>``,
+``<start_of_turn>``...) into their control ids wherever the text occurs, also inside a message. A
+message holding ``<|im_end|>\\n<|im_start|>assistant`` would render a fake turn inside the loss mask.
+``ControlTokens`` finds such text; a row holding it is refused (``data.control_tokens: error``) or
+encoded as plain text (``as_text``): the occurrences inside message text are tokenized with
+``split_special_tokens`` (ordinary tokens, never the control id) while the template's own markers keep
+their ids. See ``protect``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 _MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -209,34 +219,101 @@ def row_problem(choice: ChatTemplateChoice, messages: list[dict[str, Any]], tool
     return None
 
 
-def render_with_mask(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) -> tuple[list[int], list[int]]:
-    """(input_ids, 0/1 mask of the assistant tokens) of one conversation, exact or TemplateMismatch."""
+def render_with_mask(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,
+                     literal: "ControlTokens | None" = None) -> tuple[list[int], list[int]]:
+    """(input_ids, 0/1 mask of the assistant tokens) of one conversation, exact or TemplateMismatch.
+
+    ``literal``: control-token text inside the messages is encoded as plain text (``data.control_tokens:
+    as_text``); without it the text is tokenized as the tokenizer does (the caller refused such rows).
+    """
     choice = choice_of(tokenizer)
     if (why := row_problem(choice, messages, tools)) is not None:
         raise TemplateMismatch(why)
     if choice.text is None:
         raise TemplateMismatch("the tokenizer has no chat template; set model.chat_template to one of: "
                                + ", ".join(REGISTRY))
-    if choice.mode == "marked":  # one rendering gives the text and the {% generation %} spans
-        text, spans = _render_marked(tokenizer, choice, messages, tools)
-    else:
-        text = _render_text(tokenizer, choice.text, messages, tools, kwargs=choice.kwargs)
-        spans = _prefix_spans(tokenizer, choice, messages, tools, text)
+    protected = protect(messages, tools, literal) if literal is not None else None
+    if protected is not None:  # same-length placeholders: every span below holds for the restored text
+        messages, tools = protected.messages, protected.tools
+    with _template_errors():
+        if choice.mode == "marked":  # one rendering gives the text and the {% generation %} spans
+            text, spans = _render_marked(tokenizer, choice, messages, tools)
+        else:
+            text = _render_text(tokenizer, choice.text, messages, tools, kwargs=choice.kwargs)
+            spans = _prefix_spans(tokenizer, choice, messages, tools, text)
+        theirs = _render_text(tokenizer, choice.reference, messages, tools, kwargs=choice.kwargs) \
+            if choice.reference is not None else text
     if choice.reference is not None:
-        theirs = _render_text(tokenizer, choice.reference, messages, tools, kwargs=choice.kwargs)
         if theirs != text:
             raise TemplateMismatch(f"the model's own chat template renders this conversation differently from "
                                    f"registry template {choice.name} (first difference at character "
                                    f"{_first_diff(theirs, text)}); set model.chat_template to the right registry "
                                    f"name ({', '.join(REGISTRY)}) or to a .jinja file with {{% generation %}} markers")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    text, literal_spans = protected.restore(text) if protected is not None else (text, [])
+    ids, offsets = encode_text(tokenizer, text, literal_spans)
     mask = [0] * len(ids)
-    for j, (a, b) in enumerate(enc["offset_mapping"]):
+    for j, (a, b) in enumerate(offsets):
         if b > a and any(s < b and a < e for s, e in spans):
             mask[j] = 1
     _check_end_of_turn(tokenizer, choice, ids, mask)
     return ids, mask
+
+
+def render_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: Any = None, literal: "ControlTokens | None" = None) -> list[int]:
+    """Token ids of a conversation rendered with the run's template (no mask): prompts and preference pairs.
+
+    ``literal`` as in ``render_with_mask``. Without control-token text this is ``apply_chat_template``.
+    """
+    choice = choice_of(tokenizer)
+    protected = protect(messages, tools, literal) if literal is not None else None
+    if protected is None:
+        with _template_errors():
+            out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+                                                add_generation_prompt=add_generation_prompt, return_dict=True,
+                                                **choice.kwargs)
+        return list(out["input_ids"])
+    template = choice.text if choice.text is not None else tokenizer.chat_template
+    with _template_errors():
+        text = _render_text(tokenizer, template, protected.messages, protected.tools, add_generation_prompt,
+                            choice.kwargs)
+    return encode_text(tokenizer, *protected.restore(text))[0]
+
+
+@contextlib.contextmanager
+def _template_errors() -> Iterator[None]:
+    """A template that raises on a row (its ``raise_exception``, a filter on an odd value) is a TemplateMismatch
+    naming the row, not a crash of the run with exit 1 and no row."""
+    try:
+        yield
+    except TemplateMismatch:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- templates are user code and may raise anything
+        raise TemplateMismatch(f"the chat template fails on this conversation: {type(exc).__name__}: {exc}"[:400]) \
+            from None
+
+
+def encode_text(tokenizer: Any, text: str, literal_spans: list[tuple[int, int]] | None = None,
+                ) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets) of rendered text; the ``literal_spans`` are tokenized as plain text.
+
+    The text is cut at the literal spans: the pieces between them are tokenized as usual (the template's
+    markers become their control ids), each span with ``split_special_tokens=True`` (its control-token text
+    becomes ordinary tokens). Cutting there changes how a few characters at each cut are merged, never
+    what they are: no control id can come from a span.
+    """
+    cuts = [0] + [x for span in sorted(literal_spans or []) for x in span] + [len(text)]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for k in range(len(cuts) - 1):
+        a, b = cuts[k], cuts[k + 1]
+        if b <= a:
+            continue
+        enc = tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=k % 2 == 1)  # odd pieces are the literal spans
+        ids += enc["input_ids"]
+        offsets += [(x + a, y + a) for x, y in enc["offset_mapping"]]
+    return ids, offsets
 
 
 def _first_diff(a: str, b: str) -> int:
@@ -324,3 +401,213 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
             if isinstance(i, int) and i != tokenizer.unk_token_id and i not in out:
                 out.append(i)
     return out
+
+
+# ------------------------------------------------------------------------------------------- control tokens
+
+def _trie(words: Iterable[str]) -> str:
+    """A regex matching any of ``words``, as a trie: one pass over a text however many tokens there are
+    (Llama 3 has 256 special tokens; an alternation of them would be tried one by one at every character)."""
+    root: dict[str, Any] = {}
+    for w in words:
+        node = root
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        alts = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        if "" in node:
+            return "(?:" + "|".join(alts) + ")?"
+        return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+
+    return build(root)
+
+
+# the fields of a canonical row, by format, that a template or the tokenizer turns into tokens
+RENDERED = {"preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",), "text": ("text",)}
+RENDERED_SFT = ("messages", "tools", "prompt", "completion")
+
+
+class ControlTokens:
+    """The texts a tokenizer turns into control ids wherever they occur, and where a row holds one.
+
+    Control tokens are the tokenizer's special tokens (``special=True`` added tokens and the named ones:
+    bos, eos, pad, unk...) and the chat template's end-of-turn token. Added tokens that are not special
+    (Qwen's ``<think>``) are left alone: reasoning data writes them in message text on purpose.
+    """
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self.tokens = tuple(sorted({t for t in tokens if isinstance(t, str) and t}))
+        self.pattern = re.compile(_trie(self.tokens)) if self.tokens else None
+        # the tokens as json.dumps(ensure_ascii=False) writes them: a search over a row's canonical JSON
+        # rules out (nearly) every row at C speed; a hit is confirmed on the row's strings
+        self.json_pattern = re.compile(_trie(json.dumps(t, ensure_ascii=False)[1:-1] for t in self.tokens)) \
+            if self.tokens else None
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens)
+
+    def find(self, canonical: dict[str, Any], fmt: str, row_json: str | None = None) -> tuple[str, str] | None:
+        """(where, token) of the first control-token text in the rendered fields of a canonical row, or None.
+
+        ``row_json``: the row's canonical JSON (``formats.convert_keyed``), to rule the row out quickly.
+        """
+        if self.pattern is None or self.json_pattern is None:
+            return None
+        if row_json is not None and self.json_pattern.search(row_json) is None:
+            return None
+        for key in RENDERED.get(fmt, RENDERED_SFT):
+            if key in canonical and (hit := self._walk(canonical[key], key)):
+                return hit
+        return None
+
+    def _walk(self, value: Any, path: str) -> tuple[str, str] | None:
+        assert self.pattern is not None
+        if isinstance(value, str):
+            m = self.pattern.search(value)
+            return (path, m.group()) if m else None
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            if isinstance(k, str) and (m := self.pattern.search(k)):
+                return f"a key of {path}", m.group()
+            sub = f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}"
+            if hit := self._walk(v, sub):
+                return hit
+        return None
+
+
+def control_tokens(tokenizer: Any) -> ControlTokens:
+    """The control tokens of a loaded tokenizer (and of the chat template it renders with)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    eot = choice_of(tokenizer).end_of_turn
+    if eot:
+        found.add(eot)
+    return ControlTokens(found)
+
+
+NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def control_tokens_from_files(folder: Path) -> ControlTokens | None:
+    """The control tokens of the tokenizer saved in ``folder`` (tokenizer.json, tokenizer_config.json), read
+    as JSON: what ``control_tokens`` finds once transformers has loaded it, without importing transformers
+    (validate reads every row before it loads anything heavy). None when neither file is there."""
+    found: set[str] = set()
+    seen = False
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        found |= {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+        seen = True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        seen = True
+    except (OSError, ValueError):
+        config = {}
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) else value.get("content") if isinstance(value, dict) else None
+
+    if isinstance(config, dict):
+        for name in NAMED_SPECIAL:
+            found.add(text(config.get(name)) or "")
+        for name in ("additional_special_tokens", "extra_special_tokens"):
+            extra = config.get(name)
+            values = extra.values() if isinstance(extra, dict) else extra if isinstance(extra, list) else []
+            found |= {t for v in values if (t := text(v))}
+        decoder = config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            found |= {t for v in decoder.values() if isinstance(v, dict) and v.get("special") and (t := text(v))}
+    return ControlTokens(found) if seen else None
+
+
+@dataclass
+class Protected:
+    """A conversation whose control-token texts are replaced by placeholders of the same length.
+
+    The template renders the placeholders like any text (private-use characters), so every span the
+    rendering yields ({% generation %} blocks, prefix differences) holds for the real text too; ``restore``
+    puts the tokens back and says where they are, for ``encode_text`` to tokenize them as plain text.
+    """
+
+    messages: list[dict[str, Any]]
+    tools: Any
+    mark: str
+    table: dict[str, str]  # placeholder -> the control-token text it stands for
+
+    def restore(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """(the text with the tokens back, their spans); TemplateMismatch if the template altered a placeholder."""
+        lengths = sorted({len(p) for p in self.table}, reverse=True)
+        out, spans, pos = [], [], 0
+        while (at := text.find(self.mark, pos)) >= 0:
+            token = next((self.table[text[at:at + n]] for n in lengths if text[at:at + n] in self.table), None)
+            if token is None:
+                raise TemplateMismatch("the chat template changed text that holds a control token, so it cannot be "
+                                       "encoded as plain text; set data.control_tokens: error to refuse such rows")
+            out += [text[pos:at], token]
+            spans.append((at, at + len(token)))
+            pos = at + len(token)
+        out.append(text[pos:])
+        return "".join(out), spans
+
+
+PLACEHOLDER_DIGITS = 4096  # private-use characters U+E000.. U+EFFF: the digits of an occurrence's number
+MARKS = "\uf8ff\uf8fe\uf8fd\uf8fc"  # the first of these not in the row starts every placeholder
+
+
+def protect(messages: list[dict[str, Any]], tools: Any, control: ControlTokens) -> Protected | None:
+    """The conversation with each control-token text replaced by a same-length placeholder; None if it has none."""
+    if control.pattern is None:
+        return None
+    pattern = control.pattern
+    strings: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            strings.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, list):
+            for v in value:
+                collect(v)
+
+    collect(messages)
+    collect(tools)
+    if not any(pattern.search(t) for t in strings):
+        return None
+    mark = next((m for m in MARKS if not any(m in t for t in strings)), None)
+    if mark is None:
+        raise TemplateMismatch("this row holds control-token text and every placeholder character tunelab could "
+                               "use; set data.control_tokens: error to refuse it")
+    table: dict[str, str] = {}
+
+    def placeholder(m: re.Match[str]) -> str:
+        token, n = m.group(), len(table)
+        if len(token) < 2 or n >= PLACEHOLDER_DIGITS ** (len(token) - 1):
+            raise TemplateMismatch(f"control token {token!r} cannot be encoded as plain text here; set "
+                                   "data.control_tokens: error to refuse such rows")
+        digits = []
+        for _ in range(len(token) - 1):
+            n, d = divmod(n, PLACEHOLDER_DIGITS)
+            digits.append(chr(0xE000 + d))
+        ph = mark + "".join(digits)
+        table[ph] = token
+        return ph
+
+    def sub(value: Any) -> Any:
+        if isinstance(value, str):
+            return pattern.sub(placeholder, value)
+        if isinstance(value, dict):
+            return {k: sub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [sub(v) for v in value]
+        return value
+
+    return Protected(sub(messages), sub(tools), mark, table)

@@ -10,36 +10,39 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.data.templates import TemplateMismatch, choice_of, render_with_mask
+from tunelab.data.templates import ControlTokens, TemplateMismatch, choice_of, render_ids, render_with_mask
 
 IGNORE = -100
 __all__ = ["IGNORE", "TemplateMismatch", "encode_messages", "encode_pair", "encode_prompt", "encode_row"]
 
-
-def _render_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                tools: Any = None) -> list[int]:
-    kwargs = choice_of(tokenizer).kwargs
-    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=True, **kwargs)
-    return list(out["input_ids"])
+# ``literal`` below: the tokenizer's control tokens when ``data.control_tokens: as_text`` asks for their text in
+# a row to be encoded as plain text (never as their control ids); None encodes text as the tokenizer does.
 
 
-def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None) -> tuple[list[int], list[int]]:
+def _plain(tokenizer: Any, text: str, add_special_tokens: bool, literal: ControlTokens | None) -> list[int]:
+    """Token ids of plain text (no template); under ``literal`` control-token text is split into ordinary tokens."""
+    split = literal is not None and literal.pattern is not None and literal.pattern.search(text) is not None
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=split)["input_ids"])
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], tools: Any = None,
+                    literal: ControlTokens | None = None) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and a 0/1 mask of its assistant tokens (content and end-of-turn)."""
-    return render_with_mask(tokenizer, messages, tools)
+    return render_with_mask(tokenizer, messages, tools, literal)
 
 
-def encode_row(tokenizer: Any, row: dict[str, Any], train_on_prompt: bool) -> tuple[list[int], list[int]]:
+def encode_row(tokenizer: Any, row: dict[str, Any], train_on_prompt: bool,
+               literal: ControlTokens | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one canonical row."""
     eos = tokenizer.eos_token_id
     if "messages" in row:
-        ids, mask = encode_messages(tokenizer, row["messages"], row.get("tools"))
+        ids, mask = encode_messages(tokenizer, row["messages"], row.get("tools"), literal)
     elif "prompt" in row:
-        p = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-        c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        p = _plain(tokenizer, row["prompt"], True, literal)
+        c = _plain(tokenizer, row["completion"], False, literal) + [eos]
         ids, mask = p + c, [0] * len(p) + [1] * len(c)
     else:
-        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [eos]
+        ids = _plain(tokenizer, row["text"], True, literal) + [eos]
         mask = [1] * len(ids)
     if train_on_prompt:
         mask = [1] * len(ids)
@@ -54,7 +57,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def encode_pair(tokenizer: Any, pair: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+def encode_pair(tokenizer: Any, pair: dict[str, Any],
+                literal: ControlTokens | None = None) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one canonical preference pair.
 
     Conversations: the prompt is rendered with the generation prompt (``<|im_start|>assistant``
@@ -65,15 +69,15 @@ def encode_pair(tokenizer: Any, pair: dict[str, Any]) -> tuple[list[int], list[i
     Plain text: the prompt with the tokenizer's special tokens, each response without, plus eos.
     """
     if isinstance(pair["prompt"], list):
-        p = _render_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
-        c = _render_ids(tokenizer, pair["prompt"] + pair["chosen"])
-        r = _render_ids(tokenizer, pair["prompt"] + pair["rejected"])
+        p = render_ids(tokenizer, pair["prompt"], add_generation_prompt=True, literal=literal)
+        c = render_ids(tokenizer, pair["prompt"] + pair["chosen"], literal=literal)
+        r = render_ids(tokenizer, pair["prompt"] + pair["rejected"], literal=literal)
         k = min(len(p), _common_prefix(p, c), _common_prefix(p, r))
         return p[:k], _end_at_turn_end(tokenizer, c[k:]), _end_at_turn_end(tokenizer, r[k:])
     eos = [tokenizer.eos_token_id]
-    p = tokenizer(pair["prompt"], add_special_tokens=True)["input_ids"]
-    c = tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"] + eos
-    r = tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"] + eos
+    p = _plain(tokenizer, pair["prompt"], True, literal)
+    c = _plain(tokenizer, pair["chosen"], False, literal) + eos
+    r = _plain(tokenizer, pair["rejected"], False, literal) + eos
     return p, c, r
 
 
@@ -90,5 +94,9 @@ def _end_at_turn_end(tokenizer: Any, response: list[int]) -> list[int]:
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a prompt rendered with the generation prompt: what the policy continues."""
-    return _render_ids(tokenizer, messages, add_generation_prompt=True)
+    """Token ids of a prompt rendered with the generation prompt: what the policy continues.
+
+    Never with ``literal``: trainers render prompt rows again themselves (TRL applies the chat template), so
+    control-token text in a prompt is always refused (``pipeline``), not encoded as text.
+    """
+    return render_ids(tokenizer, messages, add_generation_prompt=True)

@@ -1,7 +1,10 @@
 """``tunelab validate``: everything that can be checked without loading weights.
 
 1. schema (load.py: YAML, extends, overrides, pydantic) -- no torch import;
-2. data: every source resolves and its first rows convert to the method's format;
+2. data: every source resolves and every row of a local file converts to the method's format, with every
+   value it carries checked (finite numbers of the right type, valid text, no control token of the
+   tokenizer in its text, the reward columns the method reads); eval rows that are also training rows are
+   a note;
 3. the method's TRL config object is constructed from the recipe (catches a bad ``method.trl``);
 4. the attention implementation can run on this machine;
 5. patches fit the rest of the recipe and an MLA-converted model.path is loaded only in ways
@@ -23,13 +26,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.pipeline import CheckedSource, check_data, source_fingerprints
-from tunelab.data.templates import REGISTRY, TemplateMismatch, choice_of, render_with_mask
+from tunelab.data.formats import BadRow
+from tunelab.data.pipeline import CheckedSource, RowCheck, check_data, source_fingerprints
+from tunelab.data.templates import (
+    REGISTRY,
+    ControlTokens,
+    TemplateMismatch,
+    choice_of,
+    control_tokens,
+    control_tokens_from_files,
+    render_with_mask,
+)
 from tunelab.distributed.config import distributed_problems
 from tunelab.errors import Problem, RecipeError, UserError
 from tunelab.eval import harness
 from tunelab.methods import method_of
 from tunelab.methods.base import Method
+from tunelab.models.builtin import ASSETS
 from tunelab.models.gguf import gguf_problems, is_gguf_path
 from tunelab.models.load import (
     attn_problems,
@@ -43,7 +56,8 @@ from tunelab.models.load import (
 from tunelab.patches import patch_data_sources, patch_problems, patch_recipe_problems
 from tunelab.recipe.load import LoadedRecipe, load_recipe
 from tunelab.recipe.schema import Recipe
-from tunelab.rewards import required_columns, reward_problems
+from tunelab.rewards import RewardSpec, required_columns, reward_problems
+from tunelab.rewards.builtin import parse_number
 
 
 def report_to_problems(recipe: "Recipe") -> list[Problem]:
@@ -88,15 +102,91 @@ def reward_column_problems(checked: list[CheckedSource], rewards: list[Any]) -> 
     return problems
 
 
+def reward_row_checks(rewards: list[RewardSpec]) -> list[RowCheck]:
+    """Checks of every prompt row's reference columns: the values the built-in rewards read.
+
+    ``numeric`` reads a number (a finite int or float, or text with a number in it, such as GSM8K's
+    "#### 72"); ``accuracy`` reads text or a number. A bool, list or mapping there would score every
+    completion of the row 0 (or None) without a word; None is allowed (the row has no reference).
+    """
+    checks: list[RowCheck] = []
+    for spec in rewards:
+        if spec.name not in ("accuracy", "numeric"):
+            continue
+        column, numeric = spec.params()["column"], spec.name == "numeric"
+
+        def check(canonical: dict[str, Any], column: str = column, numeric: bool = numeric,
+                  name: str = spec.name) -> None:
+            value = canonical.get(column)
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                want = "a number" if numeric else "text or a number"
+                raise BadRow(f"column {column!r} (read by reward {name}) must be {want}, got "
+                             f"{type(value).__name__} {str(value)[:40]!r}")
+            if numeric and parse_number(value) is None:
+                raise BadRow(f"column {column!r} (read by reward numeric) has no number in it: {str(value)[:60]!r}")
+
+        checks.append(check)
+    return checks
+
+
+def control_for_checks(recipe: "Recipe") -> tuple[ControlTokens | None, Any]:
+    """(the control tokens validate searches every row for, or None; the tokenizer if it had to be loaded).
+
+    Read from the tokenizer's files when they are here (the built-in tokenizer, a model folder, the hub
+    cache): validate reads every row before it imports transformers, so that a bad row is reported in a
+    second. A tokenizer without such files (GGUF) is loaded, and handed on to the template check. A model
+    that does not exist yet (a chain's later step, already noted as missing) is checked when training
+    tokenizes the data; a tokenizer that cannot be had here is said by the template check.
+    """
+    spec = recipe.model
+    extra = {REGISTRY[spec.chat_template].end_of_turn} if spec.chat_template in REGISTRY else set()
+    if is_tiny_builtin(spec.path):
+        folder: Path | None = ASSETS
+    elif is_gguf_path(spec.path):
+        folder = None
+    elif Path(spec.path).expanduser().is_dir():
+        folder = Path(spec.path).expanduser()
+    elif missing_local_model(spec.path) is not None:  # a chain's later step, noted as such: training checks the rows
+        return None, None
+    else:
+        folder = _hub_cache_folder(spec.path, spec.revision)
+    found = control_tokens_from_files(folder) if folder is not None else None
+    if found is not None:
+        return ControlTokens(set(found.tokens) | extra), None
+    try:
+        tok = load_tokenizer(spec)
+    except UserError:  # a built-in or GGUF one is a problem of the template check; a hub one is noted there
+        return None, None
+    return control_tokens(tok), tok
+
+
+def _hub_cache_folder(repo: str, revision: str | None) -> Path | None:
+    """The folder of a hub model's cached tokenizer files, or None (no hub access is tried)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            found = try_to_load_from_cache(repo, name, revision=revision)
+            if isinstance(found, str):
+                return Path(found).parent
+    except Exception:  # noqa: BLE001 -- a malformed id or cache: the tokenizer is loaded instead
+        return None
+    return None
+
+
 TEMPLATE_CHECK_ROWS = 2000  # conversational rows per source rendered and masked at validate (training checks them all)
 
 
-def template_problems(recipe: "Recipe", checked: list[CheckedSource]) -> tuple[list[Problem], list[str]]:
+def template_problems(recipe: "Recipe", checked: list[CheckedSource], tok: Any = None) -> tuple[list[Problem], list[str]]:
     """Render and mask the first rows of every conversational source with the run's chat template.
 
-    Loads the tokenizer (no weights). A row whose mask cannot be found exactly (a template that
-    renders history differently, a registry template that renders unlike the model's own, a turn
-    that does not end with the end-of-turn token) is a problem naming ``model.chat_template``.
+    Loads the tokenizer (no weights) unless ``tok`` is it. A row whose mask cannot be found exactly (a
+    template that renders history differently, a registry template that renders unlike the model's own,
+    a turn that does not end with the end-of-turn token) is a problem naming ``model.chat_template``.
+    Under ``data.control_tokens: as_text`` rows are rendered as training renders them, control-token text
+    as plain tokens.
     """
     spec = recipe.model
     conversational = [c for c in checked
@@ -105,12 +195,14 @@ def template_problems(recipe: "Recipe", checked: list[CheckedSource]) -> tuple[l
         return [], []
     if not is_tiny_builtin(spec.path) and missing_local_model(spec.path) is not None:
         return [], []  # a chain's later recipe: the run that writes the model has not run yet (noted elsewhere)
-    try:
-        tok = load_tokenizer(spec)
-    except UserError as exc:
-        if spec.path.startswith("builtin:") or spec.path.lower().endswith(".gguf"):
-            return list(exc.problems), []
-        return [], [f"chat template not checked: the tokenizer of {spec.path} is not available here"]
+    if tok is None:
+        try:
+            tok = load_tokenizer(spec)
+        except UserError as exc:
+            if spec.path.startswith("builtin:") or spec.path.lower().endswith(".gguf"):
+                return list(exc.problems), []
+            return [], [f"chat template not checked: the tokenizer of {spec.path} is not available here"]
+    literal = control_tokens(tok) if recipe.data.control_tokens == "as_text" else None
     choice = choice_of(tok)
     notes = [choice.describe()] if choice.text else []
     problems: list[Problem] = []
@@ -123,7 +215,7 @@ def template_problems(recipe: "Recipe", checked: list[CheckedSource]) -> tuple[l
                 conversations += [(c["prompt"] + c["chosen"], None), (c["prompt"] + c["rejected"], None)]
             for messages, tools in conversations:
                 try:
-                    render_with_mask(tok, messages, tools)
+                    render_with_mask(tok, messages, tools, literal if checked_source.source.format != "prompt" else None)
                 except TemplateMismatch as exc:
                     problems.append(Problem(f"model.chat_template: {checked_source.key} "
                                             f"{checked_source.resolved.row(rowno)}", str(exc)))
@@ -168,7 +260,10 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     loaded = loaded or load_recipe(path, overrides)  # raises on schema problems, before heavy imports
     recipe = loaded.recipe
     method = method_of(recipe.method)
-    problems, notes, checked = check_data(recipe, accepted_formats=method.formats)
+    rewards = method.reward_specs(recipe)
+    control, tok = control_for_checks(recipe)
+    problems, notes, checked = check_data(recipe, accepted_formats=method.formats, control=control,
+                                          row_checks=reward_row_checks(rewards))
     problems += report_to_problems(recipe)
     problems += eval_problems(recipe)
     problems += guard_problems(recipe)
@@ -183,7 +278,6 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     if recipe.patches:
         problems += patch_recipe_problems(recipe)
     problems += method.check(recipe)
-    rewards = method.reward_specs(recipe)
     if rewards:
         found, reward_notes = reward_problems(rewards)
         problems += found
@@ -205,7 +299,7 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
             notes.append(f"patches not checked (offline): the config of {recipe.model.path} is not cached "
                          "here; they are checked again when the model loads")
     if not problems:  # renders rows with the tokenizer: the last and slowest check
-        found, template_notes = template_problems(recipe, checked)
+        found, template_notes = template_problems(recipe, checked, tok)
         problems += found
         notes += template_notes
     if problems:

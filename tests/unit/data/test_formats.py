@@ -1,9 +1,22 @@
 """Row formats (data/formats.py): SFT formats and field maps, preference pairs, tool and reasoning fields, bad rows
 (errors naming why)."""
 
+import json
+import math
+import re
+
 import pytest
 
-from tunelab.data.formats import BadRow, to_canonical, to_preference
+from tunelab.data.formats import (
+    MAX_DEPTH,
+    BadRow,
+    check_values,
+    convert,
+    convert_keyed,
+    finite_number,
+    to_canonical,
+    to_preference,
+)
 from tunelab.specs import DataSource
 
 U = {"role": "user", "content": "What is 2 plus 2?"}
@@ -169,7 +182,7 @@ def test_generated_rows_convert_or_raise_bad_row(fmt, row, with_maps):
         assert str(exc)
         return
     assert isinstance(out, dict)
-    if "messages" in out:
+    if "messages" in out and fmt != "prompt":  # a prompt row keeps its other columns as they are, "messages" too
         assert out["messages"][-1]["role"] == "assistant"
         assert all(isinstance(m["content"], str) for m in out["messages"])
 
@@ -194,3 +207,90 @@ def test_generated_file_bytes_read_or_raise_data_error(tmp_path_factory, lines, 
                 pass
     except DataError as exc:
         assert str(path) in str(exc)
+
+
+# --- every value a row carries (issue 26.2) ------------------------------------------------------------------------
+# numbers that are read are finite, text is valid Unicode, free-form values are bounded (check_values)
+
+CHAT2 = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+
+def vsrc(fmt: str = "messages", **kw) -> DataSource:
+    return DataSource(source="x.jsonl", format=fmt, **kw)
+
+
+@pytest.mark.parametrize("margin, why", [
+    (float("nan"), "must be a finite number, got nan"),
+    (float("inf"), "must be a finite number, got inf"),
+    (float("-inf"), "must be a finite number, got -inf"),
+    ("0.5", "must be a number, got '0.5' (str)"),
+    (True, "must be a number, got True (bool)"),
+    ([1.0], "must be a number, got [1.0] (list)"),
+    (10 ** 400, "is an integer of 401 digits, too large"),
+], ids=["nan", "inf", "-inf", "string", "bool", "list", "huge-int"])
+def test_a_margin_that_is_not_a_finite_number_is_a_bad_row(margin, why):
+    row = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away.", "margin": margin}
+    with pytest.raises(BadRow, match=re.escape(f"margin {why}")):
+        convert(row, vsrc("preference"))
+
+def test_a_finite_margin_is_read_as_a_float_and_a_mapped_column_is_named():
+    row = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away.", "gap": 2}
+    assert convert(row, vsrc("preference", field_map={"margin": "gap"}))["margin"] == 2.0
+    with pytest.raises(BadRow, match=r"margin \(column 'gap'\) must be a finite number"):
+        convert({**row, "gap": float("nan")}, vsrc("preference", field_map={"margin": "gap"}))
+    assert finite_number(-0.0, "m") == 0.0 and math.isclose(finite_number(1e308, "m"), 1e308)
+
+def test_a_non_finite_number_anywhere_in_the_canonical_row_is_named():
+    """Tool-call arguments and tool schemas reach the template; a prompt row's columns reach the rewards."""
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": float("inf")}}}
+    msgs = [{"role": "user", "content": "1+inf?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "inf"}, {"role": "assistant", "content": "inf"}]
+    with pytest.raises(BadRow, match=r"messages\[1\]\.tool_calls\[0\]\.function\.arguments\.b is inf"):
+        convert({"messages": msgs}, vsrc())
+    with pytest.raises(BadRow, match=r"^answer is nan: numbers must be finite"):
+        convert({"prompt": "What is 2+2?", "answer": float("nan")}, vsrc("prompt"))
+
+@pytest.mark.parametrize("row, where", [
+    ({"messages": [{"role": "user", "content": "a\ud800b"}, CHAT2[1]]}, r"messages\[0\]\.content"),
+    ({"messages": [{"role": "system", "content": "\udfff"}, *CHAT2]}, r"messages\[0\]\.content"),
+    ({"messages": CHAT2, "tools": [{"type": "function", "function": {"name": "f", "description": "x\udc80"}}]},
+     r"tools\[0\]\.function\.description"),
+    ({"messages": CHAT2, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"\ud83d": 1}}}]},
+     r"a key of tools\[0\]\.function\.parameters"),
+])
+def test_a_lone_surrogate_is_a_bad_row_naming_the_field(row, where):
+    """Text the tokenizer cannot encode (it raises a TypeError naming nothing) is refused before it gets there."""
+    with pytest.raises(BadRow, match=where + r".*not valid Unicode text: lone surrogate \\u"):
+        convert(row, vsrc())
+
+def test_valid_unicode_of_every_plane_passes_and_the_key_is_canonical_json():
+    row = {"messages": [{"role": "user", "content": "\U0001f600 \u4f60\u597d \x00 \ufffe \U0010ffff"}, CHAT2[1]]}
+    canonical, text = convert_keyed(row, vsrc())
+    assert json.loads(text) == canonical
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+def test_free_form_values_nested_deeper_than_the_limit_are_a_bad_row():
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": _nested(MAX_DEPTH + 5)}}}
+    msgs = [CHAT2[0], {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "1"},
+            CHAT2[1]]
+    with pytest.raises(BadRow, match=f"nested more than {MAX_DEPTH} levels deep"):
+        convert({"messages": msgs}, vsrc())
+    ok = {"type": "function", "function": {"name": "f", "arguments": {"x": _nested(5)}}}
+    convert({"messages": [CHAT2[0], {"role": "assistant", "content": "", "tool_calls": [ok]},
+                          {"role": "tool", "content": "1"}, CHAT2[1]]}, vsrc())
+    with pytest.raises(BadRow, match=f"column 'meta'.* nested more than {MAX_DEPTH}"):
+        convert({"prompt": "q", "meta": _nested(MAX_DEPTH + 1)}, vsrc("prompt"))
+
+def test_a_value_nested_past_the_json_encoders_own_limit_is_a_bad_row_not_a_recursion_error():
+    with pytest.raises(BadRow, match="nested more than"):
+        check_values({"prompt": [{"role": "user", "content": "q"}], "meta": _nested(2000)}, "prompt")
+
+def test_an_integer_wider_than_64_bits_in_a_prompt_column_is_a_bad_row():
+    """Prompt rows' columns become Arrow columns: 2**64 would stop training with an OverflowError."""
+    with pytest.raises(BadRow, match="column 'id' is an integer of 20 digits: more than 64 bits"):
+        convert({"prompt": "q", "id": 2 ** 64}, vsrc("prompt"))
+    convert({"prompt": "q", "id": 2 ** 63 - 1}, vsrc("prompt"))

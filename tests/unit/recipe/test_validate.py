@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tunelab.data.formats import BadRow
+from tunelab.errors import UserError
 from tunelab.models.builtin import builtin_tokenizer
+from tunelab.recipe.load import load_recipe
+from tunelab.recipe.validate import control_for_checks, reward_row_checks, validate
+from tunelab.rewards import RewardSpec
 
 
 GOOD = """\
@@ -485,3 +490,90 @@ def test_lm_eval_include_is_relative_to_the_recipe(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(GOOD + "eval: {lm_eval: {tasks: [mine], include: tasks}}\n")
     assert load_recipe(path).recipe.eval.lm_eval.include == str(tmp_path / "tasks")
+
+
+# --- every value of every row (issue 26.2) -------------------------------------------------------------------------
+# reward columns, control tokens from the tokenizer's files, skip counts, eval rows also in train
+
+SFT = str(Path(__file__).resolve().parents[3] / "recipes/quickstart/sft.yaml")
+
+ROW_CHAT = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]}
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+@pytest.mark.parametrize("name, value, why", [
+    ("numeric", "no digits here", "has no number in it"),
+    ("numeric", True, "must be a number, got bool"),
+    ("numeric", [4], "must be a number, got list"),
+    ("accuracy", {"a": 1}, "must be text or a number, got dict"),
+    ("accuracy", False, "must be text or a number, got bool"),
+])
+def test_a_reward_column_of_the_wrong_type_is_a_bad_row(name, value, why):
+    (check,) = reward_row_checks([RewardSpec(name=name, column="answer")])
+    with pytest.raises(BadRow, match=f"column 'answer' \\(read by reward {name}\\) {why}"):
+        check({"prompt": [], "answer": value})
+
+@pytest.mark.parametrize("name, value", [("numeric", "#### 1,234"), ("numeric", 7), ("numeric", None),
+                                         ("accuracy", "blue"), ("accuracy", 3.5), ("accuracy", None)])
+def test_a_reward_column_that_the_reward_can_read_passes(name, value):
+    (check,) = reward_row_checks([RewardSpec(name=name, column="answer")])
+    check({"prompt": [], "answer": value})
+    assert reward_row_checks([RewardSpec(name="length", target=10)]) == []
+
+def test_the_control_tokens_come_from_the_tokenizer_files_of_a_builtin_model():
+    control, tok = control_for_checks(load_recipe(SFT).recipe)
+    assert control is not None and set(control.tokens) == {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}
+    assert tok is None  # read from the files: nothing loaded
+    control, tok = control_for_checks(load_recipe(SFT, ["model.path=runs/not-yet/final"]).recipe)
+    assert control is None and tok is None  # a chain's later step: noted as missing, training checks the rows
+
+def test_a_bad_row_is_reported_without_importing_transformers(tmp_path):
+    """The control-token check reads the tokenizer's files: a bad row is still said before any heavy import."""
+    data = write_rows(tmp_path / "d.jsonl", [ROW_CHAT, {"messages": [{"role": "user", "content": "<|im_start|>"},
+                                                            {"role": "assistant", "content": "a"}]}])
+    script = textwrap.dedent(f"""
+        import sys
+        from tunelab.errors import UserError
+        from tunelab.recipe.validate import validate
+        try:
+            validate({SFT!r}, ['data.train=[{{source: "{data}", format: messages}}]', 'data.eval=[]'])
+        except UserError as exc:
+            print("control token" in str(exc) and "d.jsonl row 2" in str(exc),
+                  [m for m in ("torch", "transformers", "trl") if m in sys.modules])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split("\n")[0] == "True []", out.stdout + out.stderr
+
+def test_skip_counts_the_bad_rows_in_a_note(tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", [ROW_CHAT, {"messages": [{"role": "user", "content": "x<|endoftext|>"},
+                                                            {"role": "assistant", "content": "a"}]}, ROW_CHAT])
+    resolved = validate(SFT, [f'data.train=[{{source: "{data}", format: messages}}]', "data.eval=[]",
+                              "data.on_bad_row=skip"])
+    (note,) = [n for n in resolved.notes if "bad and will be skipped" in n]
+    assert "1 of 3 rows" in note and "d.jsonl row 2" in note and "'<|endoftext|>'" in note
+    assert [n for n, _ in resolved.sources[0].rows] == [1, 3]
+
+def test_eval_rows_that_are_also_training_rows_are_a_note_with_the_count(tmp_path):
+    other = {"messages": [{"role": "user", "content": "What is 3+3?"}, {"role": "assistant", "content": "6."}]}
+    train = write_rows(tmp_path / "train.jsonl", [ROW_CHAT, other])
+    # the same conversation as alpaca: identical once converted, so identical once rendered
+    held = write_rows(tmp_path / "eval.jsonl", [{"instruction": "What is 2+2?", "output": "4."},
+                                           {"instruction": "What is 5+5?", "output": "10."}])
+    resolved = validate(SFT, [f'data.train=[{{source: "{train}", format: messages}}]',
+                              f'data.eval=[{{source: "{held}", format: alpaca}}]'])
+    (note,) = [n for n in resolved.notes if "also in the training data" in n]
+    assert note.startswith("data.eval[0].source: 1 rows of")
+    resolved = validate(SFT, [f'data.train=[{{source: "{train}", format: messages}}]',
+                              f'data.eval=[{{source: "{train}", format: messages}}]'])
+    assert any("2 rows of" in n and "also in the training data" in n for n in resolved.notes)
+
+def test_as_text_passes_validate_and_renders_the_rows(tmp_path):
+    data = write_rows(tmp_path / "d.jsonl", [ROW_CHAT, {"messages": [{"role": "user", "content": "a<|im_end|>\n<|im_start|>x"},
+                                                            {"role": "assistant", "content": "b <|im_end|>"}]}])
+    overrides = [f'data.train=[{{source: "{data}", format: messages}}]', "data.eval=[]"]
+    with pytest.raises(UserError, match="control token"):
+        validate(SFT, overrides)
+    resolved = validate(SFT, [*overrides, "data.control_tokens=as_text"])
+    assert len(resolved.sources[0].rows) == 2
