@@ -142,7 +142,7 @@ def prepare_data(resolved: ResolvedRecipe, run: RunDir, tokenizer: Any) -> tuple
     """(train, eval, data report, chat template record): the data tokenized, the report and the lock file written."""
     recipe = resolved.recipe
     template = choice_of(tokenizer)  # said by validate()
-    train_ds, eval_ds, report = build_datasets(recipe, tokenizer)
+    train_ds, eval_ds, report = build_datasets(recipe, tokenizer, resolved.row_checks)
     for line in report.lines():
         say(line)
     run.data_report.write_text(json.dumps(report.to_dict(), indent=2))

@@ -29,6 +29,8 @@ from tunelab.data.tokenize import IGNORE, TemplateMismatch, encode_pair, encode_
 from tunelab.errors import DataError, Problem
 from tunelab.specs import DataSource, DataSpec, RecipeSpec
 
+RowCheck = Callable[[dict[str, Any]], None]  # a check of one canonical prompt row that raises BadRow
+
 
 @dataclass
 class SourceReport:
@@ -206,10 +208,13 @@ def _encode_prompt(canonical: dict[str, Any], where: str, tokenizer: Any, data_s
 
 
 def encode_source(src: "DataSource", key: str, tokenizer: Any, data_spec: "DataSpec",
-                  kinds: ColumnKinds | None = None) -> tuple[list[dict[str, Any]], SourceReport]:
+                  kinds: ColumnKinds | None = None, row_checks: Sequence[RowCheck] = (),
+                  ) -> tuple[list[dict[str, Any]], SourceReport]:
     """Read, convert and tokenize one source, applying the overflow and bad-row rules.
 
-    ``kinds``: the extra-column types of prompt rows seen so far (shared by the sources of one dataset).
+    ``kinds``: the extra-column types of prompt rows seen so far (shared by the sources of one dataset);
+    ``row_checks``: what the method reads of each prompt row (validate's, so that a row skipped there under
+    ``on_bad_row: skip`` is skipped here too).
     """
     resolved = resolve_source(src.source, key)
     report = SourceReport(source=resolved.label)
@@ -228,6 +233,8 @@ def encode_source(src: "DataSource", key: str, tokenizer: Any, data_spec: "DataS
             control_problem(control, canonical, src.format, row_json, mode)
             if src.format == "prompt":
                 kinds.check(canonical, lambda: where)
+                for check in row_checks:
+                    check(canonical)
         except BadRow as exc:
             if data_spec.on_bad_row == "error":
                 raise DataError(Problem(where, printable(exc), "fix the row, or set data.on_bad_row: skip")) from None
@@ -283,8 +290,11 @@ def mix(parts: list[list[dict[str, Any]]], sources: list[Any], seed: int) -> lis
     return out
 
 
-def build_datasets(recipe: "RecipeSpec", tokenizer: Any) -> tuple[Any, Any, DataReport]:
-    """(train Dataset, eval Dataset or None, report): SFT columns input_ids + labels, or the pair columns."""
+def build_datasets(recipe: "RecipeSpec", tokenizer: Any, row_checks: Sequence[RowCheck] = ()
+                   ) -> tuple[Any, Any, DataReport]:
+    """(train Dataset, eval Dataset or None, report): SFT columns input_ids + labels, or the pair columns.
+
+    ``row_checks``: what the method reads of each prompt row (``ResolvedRecipe.row_checks``)."""
     from datasets import Dataset
 
     d = recipe.data
@@ -292,13 +302,13 @@ def build_datasets(recipe: "RecipeSpec", tokenizer: Any) -> tuple[Any, Any, Data
     parts = []
     kinds = ColumnKinds()
     for i, src in enumerate(d.train):
-        rows, r = encode_source(src, f"data.train[{i}].source", tokenizer, d, kinds)
+        rows, r = encode_source(src, f"data.train[{i}].source", tokenizer, d, kinds, row_checks)
         parts.append(rows)
         report.train.append(r)
     train = mix(parts, d.train, d.seed)
     eval_parts = []
     for i, src in enumerate(d.eval):
-        rows, r = encode_source(src, f"data.eval[{i}].source", tokenizer, d, kinds)
+        rows, r = encode_source(src, f"data.eval[{i}].source", tokenizer, d, kinds, row_checks)
         eval_parts.append(rows)
         report.eval.append(r)
     eval_rows = mix(eval_parts, d.eval, d.seed)
@@ -350,9 +360,6 @@ class CheckedSource:
     resolved: Resolved
     fingerprint: dict[str, Any]  # for the lock file
     rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (row number, canonical row), local only
-
-
-RowCheck = Callable[[dict[str, Any]], None]  # a check of one canonical prompt row that raises BadRow
 
 
 def check_data(recipe: "RecipeSpec", first_rows: int = 5, accepted_formats: tuple[str, ...] | None = None,

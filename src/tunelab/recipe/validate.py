@@ -243,6 +243,7 @@ class ResolvedRecipe:
     model_config: Any = None  # the model's config, when validate read it (patches), else None
     missing: list[Problem] = field(default_factory=list)  # model paths that do not exist yet (a chain's later step)
     notes: list[str] = field(default_factory=list)
+    row_checks: list[RowCheck] = field(default_factory=list)  # what the method reads of each prompt row (rewards)
 
     @property
     def recipe(self) -> Recipe:
@@ -262,8 +263,9 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     method = method_of(recipe.method)
     rewards = method.reward_specs(recipe)
     control, tok = control_for_checks(recipe)
+    row_checks = reward_row_checks(rewards)
     problems, notes, checked = check_data(recipe, accepted_formats=method.formats, control=control,
-                                          row_checks=reward_row_checks(rewards))
+                                          row_checks=row_checks)
     problems += report_to_problems(recipe)
     problems += eval_problems(recipe)
     problems += guard_problems(recipe)
@@ -308,4 +310,4 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     # a note here (a chain's later recipes validate before the earlier runs exist); train stops on it
     missing = missing_models(recipe)
     notes += [str(m) for m in missing]
-    return ResolvedRecipe(loaded, method, checked, config, missing, notes)
+    return ResolvedRecipe(loaded, method, checked, config, missing, notes, row_checks)

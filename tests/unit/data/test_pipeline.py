@@ -42,6 +42,24 @@ def test_bad_row_error_names_file_and_row(tok, tmp_path):
         encode_source(src(source=str(path)), "data.train[0].source", tok, DataSpec(train=[src()]))
 
 
+def test_the_methods_row_checks_run_when_training_reads_the_data(tok, tmp_path):
+    """A prompt row whose reward column validate refused is skipped (skip) or named (error) when the data are
+    encoded for training too: the same checks (validate's ``ResolvedRecipe.row_checks``) run in both."""
+    from tunelab.recipe.validate import reward_row_checks
+    from tunelab.rewards import RewardSpec
+
+    checks = reward_row_checks([RewardSpec(name="numeric", column="answer")])
+    rows = [{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "six"}, {"prompt": "1+1?", "answer": "#### 2"}]
+    path = write(tmp_path / "p.jsonl", rows)
+    source = src(source=str(path), format="prompt")
+    kept, report = encode_source(source, "k", tok, DataSpec(train=[source], on_bad_row="skip"), row_checks=checks)
+    assert [r["answer"] for r in kept] == ["4", "#### 2"] and report.skipped_bad == 1
+    assert "row 2: column 'answer' (read by reward numeric) has no number in it: 'six'" in report.bad_examples[0]
+    with pytest.raises(DataError, match=r"p\.jsonl row 2: column 'answer'"):
+        encode_source(source, "k", tok, DataSpec(train=[source]), row_checks=checks)
+    assert len(encode_source(source, "k", tok, DataSpec(train=[source]))[0]) == 3  # no checks: nothing refused
+
+
 def test_bad_row_skip_is_counted(tok, tmp_path):
     path = write(tmp_path / "d.jsonl", [GOOD, BAD, GOOD, BAD])
     rows, report = encode_source(src(source=str(path)), "k", tok, DataSpec(train=[src()], on_bad_row="skip"))
