@@ -245,7 +245,6 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.root / "tensorboard")  # read by transformers' callback
     if recipe.distributed.strategy.startswith("zero") and not method.owns_checkpointing:  # HF's Trainer
-
         deepspeed_process_group()
     t = recipe.train
     guards = Guards(PreemptionGuard().install(), NonFiniteGuard(t.on_nonfinite),
