@@ -85,9 +85,11 @@ def export_model(dest: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.load import load_gguf_model, pretrained_tokenizer
+    from tunelab.models.ref import resolve_model
 
-    model = load_gguf_model(BUILTIN_MODEL, AutoModelForCausalLM, torch.float32)  # drops the GGUF quantization tag
-    tok = pretrained_tokenizer(BUILTIN_MODEL)  # the GGUF's vocabulary and chat template, pad != eos
+    source = resolve_model(BUILTIN_MODEL)
+    model = load_gguf_model(source, AutoModelForCausalLM, torch.float32)  # drops the GGUF quantization tag
+    tok = pretrained_tokenizer(source)  # the GGUF's vocabulary and chat template, pad != eos
     model.config.name_or_path = model.name_or_path = "SmolLM2-135M-Instruct"
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

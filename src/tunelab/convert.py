@@ -17,10 +17,9 @@ from typing import Any
 
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
-from tunelab.models.builtin import BUILTIN_MODELS, builtin_config, builtin_model, builtin_tokenizer
-from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path, pretrained_kwargs
-from tunelab.models.inference import resolve_model_dir
-from tunelab.models.load import is_tiny_builtin, load_gguf_model, missing_local_model, mla_checkpoint
+from tunelab.models.builtin import builtin_config, builtin_model, builtin_tokenizer
+from tunelab.models.load import load_gguf_model
+from tunelab.models.ref import ResolvedModel, resolve_model
 from tunelab.patches.mla.block import MlaPatch, mla_config_problems
 from tunelab.patches.mla.calibration import calibration_problems, calibration_token_ids
 
@@ -58,60 +57,56 @@ def mla_spec_from_options(**options: Any) -> Any:
         raise UserError(problems) from None
 
 
-def _model_config(model: str) -> Any:
-    """The config of MODEL without its weights (built-in, local dir, or hub id), or a UserError."""
-    if model.startswith("builtin:") and model[len("builtin:") :] not in REAL_BUILTINS:
-        name = model[len("builtin:") :]
-        if name not in BUILTIN_MODELS:
-            raise UserError(Problem("MODEL", f"unknown built-in model {model!r}",
-                                    "known: " + ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)))
-        return builtin_config(name)
+def _model_config(model: ResolvedModel) -> Any:
+    """The config of MODEL without its weights (built-in, local dir, GGUF file or hub id), or a UserError."""
+    if model.kind == "builtin":
+        return builtin_config(model.name)
     from transformers import AutoConfig
 
     try:
-        where, extra = pretrained_kwargs(model, "MODEL")
+        where, extra = model.pretrained_args()
         return AutoConfig.from_pretrained(where, **extra)
     except (OSError, ValueError) as exc:
-        raise UserError(Problem("MODEL", f"cannot read the config of {model!r}: {exc}"[:500],
+        raise UserError(Problem(model.key, f"cannot read the config of {model.path!r}: {exc}"[:500],
                                 "a local model directory, a run's final/, a hub id (offline: in the local "
                                 "cache) or builtin:tiny-*")) from None
 
 
-def _tokenizer(model: str, required: bool) -> Any:
+def _tokenizer(model: ResolvedModel, required: bool) -> Any:
     """The model's tokenizer; None when it has none and nothing needs one (it is then not saved)."""
-    if is_tiny_builtin(model):
+    if model.kind == "builtin":
         return builtin_tokenizer()
     from transformers import AutoTokenizer
 
     try:
-        where, extra = pretrained_kwargs(model, "MODEL")
+        where, extra = model.pretrained_args()
         tok = AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError, TypeError) as exc:
         if required:
-            raise UserError(Problem("MODEL", f"cannot load the tokenizer of {model!r}: {exc}"[:400],
+            raise UserError(Problem(model.key, f"cannot load the tokenizer of {model.path!r}: {exc}"[:400],
                                     "--calibration-data is tokenized with the model's own tokenizer")) from None
-        say(f"note: {model} has no tokenizer to load; the output will have none either")
+        say(f"note: {model.path} has no tokenizer to load; the output will have none either")
         return None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _load_model(model: str, device: str) -> Any:
+def _load_model(model: ResolvedModel, device: str) -> Any:
     """The causal LM, in its saved dtype, on ``device`` (sdpa attention: MLA reads its masks)."""
     from transformers import AutoModelForCausalLM
 
-    if is_tiny_builtin(model):
-        m = builtin_model(model[len("builtin:") :], attn_implementation="sdpa")
-        m.config.name_or_path = model
-    elif is_gguf_path(model):
-        m = load_gguf_model(model, AutoModelForCausalLM, None, "sdpa", key="MODEL")
+    if model.kind == "builtin":
+        m = builtin_model(model.name, attn_implementation="sdpa")
+        m.config.name_or_path = model.given
+    elif model.is_gguf:
+        m = load_gguf_model(model, AutoModelForCausalLM, None, "sdpa")
     else:
         try:
-            m = AutoModelForCausalLM.from_pretrained(model, dtype="auto", attn_implementation="sdpa",
+            m = AutoModelForCausalLM.from_pretrained(model.path, dtype="auto", attn_implementation="sdpa",
                                                      use_safetensors=True)
         except OSError as exc:
-            raise UserError(Problem("MODEL", f"cannot load {model!r}: {exc}"[:400],
+            raise UserError(Problem(model.key, f"cannot load {model.path!r}: {exc}"[:400],
                                     "only safetensors weights are loaded")) from None
     return m.to(device).eval()
 
@@ -138,15 +133,14 @@ def run_convert_mla(model: str, output: str | Path, kv_lora_rank: int, rope_dim:
                                  calibration_format=calibration_format, calibration_samples=calibration_samples,
                                  calibration_length=calibration_length)
     _check_output(output)
-    missing = missing_local_model(model, "MODEL")
-    if missing:
-        raise UserError(missing)
-    if not model.startswith("builtin:"):
-        model = resolve_model_dir(model)  # a run dir means its final/
-        if (Path(model) / "adapter_config.json").is_file():
-            raise UserError(Problem("MODEL", f"{model} is a PEFT adapter", "merge it first: tunelab merge RUN -o DIR, "
-                                    "then convert DIR"))
-    config = _model_config(model)
+    source = resolve_model(model, key="MODEL")  # a run dir means its final/
+    if source.missing:
+        raise UserError(source.missing)
+    if source.kind == "adapter":
+        raise UserError(Problem("MODEL", f"{source.path} is a PEFT adapter", "merge it first: tunelab merge RUN -o "
+                                "DIR, then convert DIR"))
+    model = source.path
+    config = _model_config(source)
     problems = mla_config_problems(spec, config, _option, model=model,
                                    already_hint="convert the original model; a converted one fine-tunes as it is")
     problems += calibration_problems(spec, _option)
@@ -156,14 +150,14 @@ def run_convert_mla(model: str, output: str | Path, kv_lora_rank: int, rope_dim:
 
     from tunelab.patches.mla.convert import convert_to_mla, kv_cache_bytes_per_token, reconstruction_error
 
-    tokenizer = _tokenizer(model, required=spec.calibration_data is not None)
+    tokenizer = _tokenizer(source, required=spec.calibration_data is not None)
     calibration = None
     if spec.calibration_data:
         calibration = torch.tensor(calibration_token_ids(spec, tokenizer, _option), dtype=torch.long)
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = _load_model(model, device)
+    net = _load_model(source, device)
     dtype_bytes = next(net.parameters()).element_size()
     before = kv_cache_bytes_per_token(net.config, dtype_bytes)
     original = _kv_weights(net)
@@ -201,12 +195,12 @@ def run_export_deepseek(model: str, output: str | Path, rope_layout: str = "inte
         raise UserError(Problem("--rope-layout", f"unknown layout {rope_layout!r}", "use " + " or ".join(layouts)))
     output = Path(output)
     _check_output(output)
-    path = resolve_model_dir(model)
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
+    source = resolve_model(model, key="MODEL")  # a run dir means its final/
+    path, p = source.path, Path(source.path)
+    if source.kind == "adapter":
         raise UserError(Problem("MODEL", f"{path} is a PEFT adapter", "merge it first: tunelab merge RUN -o DIR, then "
                                 "export DIR"))
-    if not mla_checkpoint(p):
+    if source.kind != "mla":
         raise UserError(Problem("MODEL", f"{model} is not an MLA-converted model directory (no mla block in its "
                                 "config.json)", "convert it first: tunelab convert mla MODEL -o DIR --kv-lora-rank R "
                                 "--rope-dim D --rope-key shared --latent-norm"))

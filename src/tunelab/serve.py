@@ -54,6 +54,7 @@ from tunelab.data.templates import end_of_turn_ids
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
 from tunelab.models.inference import load_for_inference
+from tunelab.models.ref import ResolvedModel, resolve_model
 
 DEFAULT_MAX_TOKENS = 512  # when a request names no max_tokens (and fewer when less of the context is left)
 # A request body's limit. 4 MiB: a 128k-token prompt of non-ASCII text, JSON-escaped (\uXXXX), is about 1 MB, so
@@ -668,23 +669,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_generator(model_path: str) -> ChatModel:
+def load_generator(source: ResolvedModel) -> ChatModel:
     """The model (adapters merged) on the GPU when there is one, with the chat template it was trained with."""
     import torch
 
-    model, tok = load_for_inference(model_path, merge=True)
+    model, tok = load_for_inference(source, merge=True)
     if torch.cuda.is_available():
         model = model.to("cuda")
     return ChatModel(model, tok)
 
 
-def default_name(model_path: str) -> str:
-    from pathlib import Path
-
-    if model_path.startswith("builtin:"):
-        return model_path
-    p = Path(model_path.rstrip("/"))
-    return p.parent.name if p.name == "final" else p.name or model_path
+def default_name(source: ResolvedModel) -> str:
+    """The served model's name: a built-in's ``builtin:NAME``, else the run's (or the folder's, the file's) name."""
+    return source.given if source.kind in ("builtin", "real_builtin") else source.short_name
 
 
 def run_serve(model_path: str, host: str, port: int, name: str | None, api_key: str | None = None) -> None:
@@ -694,8 +691,9 @@ def run_serve(model_path: str, host: str, port: int, name: str | None, api_key: 
                                 "without an API key anyone who reaches it runs prompts on this model",
                                 f"set a key with --api-key KEY or the {API_KEY_ENV} environment variable, "
                                 "or listen on 127.0.0.1"))
-    gen = load_generator(model_path)
-    name = name or default_name(model_path)
+    source = resolve_model(model_path, key="MODEL")
+    gen = load_generator(source)
+    name = name or default_name(source)
     try:
         server = make_server(gen, name, host, port, api_key=api_key or None)
     except OSError as exc:
@@ -778,7 +776,7 @@ def chat_loop(gen: ChatModel, conv: Conversation, req: ChatRequest, read: Callab
 def run_chat(model_path: str, system: str | None, max_new_tokens: int, temperature: float) -> None:
     import sys
 
-    gen = load_generator(model_path)
+    gen = load_generator(resolve_model(model_path, key="MODEL"))
     say(f"chatting with {model_path}: /reset clears the history, /exit or Ctrl-D quits")
 
     def write(s: str) -> None:

@@ -29,7 +29,7 @@ from tunelab.errors import Degraded, Preempted, Problem, TrainingStopped, UserEr
 from tunelab.eval.commands import lm_eval_scores
 from tunelab.log import say
 from tunelab.models.builtin import builtin_model
-from tunelab.models.load import is_tiny_builtin, load_model, load_tokenizer, set_stop_tokens
+from tunelab.models.load import load_model, load_tokenizer, set_stop_tokens
 from tunelab.models.peft import apply_peft, quantization_of, uses_virtual_tokens
 from tunelab.patches import apply_patches
 from tunelab.recipe.load import load_recipe
@@ -157,16 +157,17 @@ def prepare_model(resolved: ResolvedRecipe, run: RunDir, tokenizer: Any) -> Any:
     """The model to train: loaded, patched, with PEFT adapters (a built-in base is saved beside the run for them)."""
     recipe, head = resolved.recipe, resolved.method.model_head
     quantization = quantization_of(recipe)
-    model = load_model(recipe.model, quantization, full_finetune=recipe.peft is None, head=head)
+    model = load_model(recipe.model, quantization, full_finetune=recipe.peft is None, head=head, source=resolved.model)
     if head == "score":  # the reward head reads the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
-    if is_tiny_builtin(recipe.model.path):
+    builtin = resolved.model.kind == "builtin"
+    if builtin:
         model.config.name_or_path = recipe.model.path
     for record in apply_patches(model, recipe, tokenizer):
         say("patch " + ", ".join(f"{k} {v}" for k, v in record.items()))
     if recipe.peft is None:
         return model
-    if is_tiny_builtin(recipe.model.path):
+    if builtin:
         # plain peft must find the base weights: keep the (seeded, random) base beside the run, patched as the
         # trained model is, in full precision (so that `tunelab merge` folds the adapter into fp32 weights)
         base_dir = (run.root / "base").resolve()
@@ -192,7 +193,7 @@ def save_builtin_base(model: Any, quantization: "QuantizationSpec | None", resol
     recipe = resolved.recipe
     base = model
     if quantization is not None or next(model.parameters()).dtype != torch.float32:
-        base = builtin_model(recipe.model.path[len("builtin:") :], head=resolved.method.model_head)
+        base = builtin_model(resolved.model.name, head=resolved.method.model_head)
         apply_patches(base, recipe, tokenizer)  # the adapter's base must rotate (and attend) as the trained model
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -226,7 +227,7 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
 
     set_seed(recipe.train.seed)
     run.root.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(recipe.model, resolved.model)
     train_ds, eval_ds, report, template_record = prepare_data(resolved, run, tokenizer)
     model = prepare_model(resolved, run, tokenizer)
 

@@ -25,9 +25,8 @@ from tunelab.eval.passkey import (
 from tunelab.eval.perplexity import perplexity
 from tunelab.eval.reward import pairwise
 from tunelab.log import say
-from tunelab.models.builtin import BUILTIN_MODELS, builtin_tokenizer
-from tunelab.models.gguf import is_gguf_path
-from tunelab.models.inference import inference_tokenizer, load_for_inference, load_reward_model, resolve_model_dir
+from tunelab.models.inference import inference_tokenizer, load_for_inference, load_reward_model
+from tunelab.models.ref import ResolvedModel, as_resolved, resolve_model
 from tunelab.runs import RunDir
 from tunelab.specs import DataSource, DataSpec, LmEvalSpec
 
@@ -37,7 +36,7 @@ def run_eval(model_path: str, data: str, fmt: str, max_length: int, batch_size: 
     """Perplexity (and optionally generation scores) of a model on one data source."""
     src = DataSource(source=data, format=fmt)  # type: ignore[arg-type]
     spec = DataSpec(train=[src], max_length=max_length, on_overflow="truncate", on_bad_row="skip")
-    model, tok = load_for_inference(model_path)
+    model, tok = load_for_inference(resolve_model(model_path, key="MODEL"))
     rows, report = encode_source(src, "--data", tok, spec)
     if limit:
         rows = rows[:limit]
@@ -107,26 +106,12 @@ def parse_depths(value: str | Sequence[float], key: str = "--depths") -> list[fl
     return out
 
 
-def default_eval_dir(model_path: str, task: str) -> Path:
+def default_eval_dir(model: ResolvedModel, task: str) -> Path:
     """Where an eval writes without --output: beside a local model (<dir>-eval-<task>), else ./eval-<task>."""
-    p = Path(model_path)
-    if not model_path.startswith("builtin:") and p.exists():
-        p = p.resolve()
+    if model.is_local:
+        p = Path(model.given).expanduser().resolve()
         return p.parent / f"{p.name}-eval-{task}"
     return Path(f"eval-{task}")
-
-
-def _tokenizer_only(model_path: str) -> Any:
-    """The tokenizer ``load_for_inference`` would return, without loading any weights (for checks up front)."""
-    if is_gguf_path(model_path):
-        return inference_tokenizer(model_path)
-    if model_path.startswith("builtin:"):
-        name = model_path[len("builtin:") :]
-        if name not in BUILTIN_MODELS:
-            raise UserError(Problem("MODEL", f"unknown built-in model {model_path!r}",
-                                    "known: " + ", ".join(BUILTIN_MODELS)))
-        return builtin_tokenizer()
-    return inference_tokenizer(resolve_model_dir(model_path))
 
 
 def _note_beyond_trained(model: Any, lengths: list[int]) -> int | None:
@@ -151,17 +136,18 @@ def run_passkey_eval(model_path: str, lengths: str | Sequence[int] | None = None
     depths_ = parse_depths(depths)
     if trials < 1:
         raise UserError(Problem("--trials", f"{trials} trials", "use at least 1"))
-    tok = _tokenizer_only(model_path)
+    source = resolve_model(model_path, key="MODEL")
+    tok = inference_tokenizer(source)  # no weights yet: the checks below come first
     minimum = passkey_min_length(tok)
     if min(lengths_) < minimum:
         raise UserError(Problem("--lengths", f"{min(lengths_)} tokens cannot hold the task, the passkey sentence "
                                 "and the question", f"the minimum for this tokenizer is {minimum}"))
-    model, tok = load_for_inference(model_path)
+    model, tok = load_for_inference(source)
     trained = _note_beyond_trained(model, lengths_)
     grid = passkey_grid(model, tok, lengths_, depths_, trials, seed, max_new_tokens or DEFAULT_MAX_NEW_TOKENS, log=say)
     print(format_passkey_table(grid))
     print(f"mean accuracy: {grid['mean']:.4f}  ({trials} trials per cell, seed {seed})")
-    out = Path(output) if output else default_eval_dir(model_path, "passkey")
+    out = Path(output) if output else default_eval_dir(source, "passkey")
     _write_json(out / "passkey.json", {"model": model_path, "task": "passkey", "max_position_embeddings": trained,
                                        **grid})
     plot_passkey({model_path: grid}, out / "passkey.png")
@@ -178,19 +164,20 @@ def run_ppl_vs_length_eval(model_path: str, data: str, fmt: str = "text", length
         raise UserError(Problem("--stride", f"stride {stride}", "use a positive stride, or leave it out (= length)"))
     if max_tokens < 2:
         raise UserError(Problem("--max-tokens", f"{max_tokens}", "use at least the largest of --lengths"))
-    tok = _tokenizer_only(model_path)
+    source = resolve_model(model_path, key="MODEL")
+    tok = inference_tokenizer(source)  # no weights yet: the checks below come first
     ids = text_token_ids(data, tok, fmt, max_tokens)
     label = f"--data {data}" + (f" (cut to --max-tokens {max_tokens})" if len(ids) >= max_tokens else "")
     too_long = [n for n in lengths_ if n > len(ids)]
     if too_long:
         raise UserError(Problem("--lengths", f"{label} has {len(ids)} tokens, fewer than the context length "
                                 f"{max(too_long)}", "use more text (or a larger --max-tokens), or shorter --lengths"))
-    model, tok = load_for_inference(model_path)
+    model, tok = load_for_inference(source)
     trained = _note_beyond_trained(model, lengths_)
     say(f"{data}: {len(ids)} tokens")
     results = ppl_vs_length(model, ids, lengths_, stride, label=label)
     print(format_ppl_table(results))
-    out = Path(output) if output else default_eval_dir(model_path, "ppl-vs-length")
+    out = Path(output) if output else default_eval_dir(source, "ppl-vs-length")
     _write_json(out / "ppl_vs_length.json", {"model": model_path, "task": "ppl-vs-length", "data": data,
                                              "format": fmt, "max_tokens": max_tokens, "text_tokens": len(ids),
                                              "max_position_embeddings": trained, "results": results})
@@ -203,14 +190,15 @@ def run_kv_cache_eval(model_path: str, lengths: str | Sequence[int] | None = Non
                       output: str | Path | None = None) -> dict[str, Any]:
     """KV-cache bytes per token, predicted (original vs MLA) and measured after generating; writes kv_cache.json."""
     lengths_ = parse_lengths("64,256" if lengths is None else lengths)
-    model, _ = load_for_inference(model_path)
+    source = resolve_model(model_path, key="MODEL")
+    model, _ = load_for_inference(source)
     _note_beyond_trained(model, lengths_)
     report = kv_cache_report(model, lengths_)
     print(format_kv_report(report))
     if not report["all_match"]:
         say("note: a measured cache differs from the prediction (a sliding-window layer caps what it keeps, or "
              "the cache stores something else)")
-    out = Path(output) if output else default_eval_dir(model_path, "kv-cache")
+    out = Path(output) if output else default_eval_dir(source, "kv-cache")
     _write_json(out / "kv_cache.json", {"model": model_path, "task": "kv-cache", **report})
     say(f"wrote {out / 'kv_cache.json'}")
     return report
@@ -220,7 +208,7 @@ def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int
     """Pairwise accuracy and mean margin of a reward model on preference pairs."""
     src = DataSource(source=data, format="preference")
     spec = DataSpec(train=[src], max_length=max_length, on_overflow="truncate", on_bad_row="skip")
-    model, tok = load_reward_model(model_path)
+    model, tok = load_reward_model(resolve_model(model_path, key="MODEL"))
     rows, report = encode_source(src, "--data", tok, spec)
     if limit:
         rows = rows[:limit]
@@ -233,7 +221,7 @@ def run_reward_eval(model_path: str, data: str, max_length: int, batch_size: int
 
 
 def run_generate(model_path: str, prompt: str, system: str | None, gen: dict[str, Any]) -> str:
-    model, tok = load_for_inference(model_path)
+    model, tok = load_for_inference(resolve_model(model_path, key="MODEL"))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     out = generate(model, tok, messages, **gen)
     print(out)
@@ -250,14 +238,16 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def lm_eval_scores(model_path: str, spec: LmEvalSpec, device: str = "auto",
+def lm_eval_scores(model_path: str | ResolvedModel, spec: LmEvalSpec, device: str = "auto",
                    output: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Run lm-evaluation-harness tasks on a model (a run dir, its final/, an adapter: merged) and print a table.
 
     Writes lm_eval.json (scores, lm-eval's results and task configs) into ``output``; returns
     {task: {metric: value}}. The tasks are checked by the caller (``harness.task_problems``).
     """
-    model, tok = load_for_inference(model_path, merge=True)
+    source = as_resolved(model_path)
+    model_path = source.given
+    model, tok = load_for_inference(source, merge=True)
     model = model.to(_device(device)).eval()
     say(f"lm-eval {importlib.metadata.version('lm_eval')}: {', '.join(spec.tasks)} on {model_path}"
         + (f" (first {spec.limit} documents of each)" if spec.limit else ""))
@@ -294,8 +284,9 @@ def run_lm_eval(model_path: str, tasks: str, include: str | Path | None = None, 
         raise UserError(problems)
     spec = LmEvalSpec(tasks=names, include=str(include) if include is not None else None, limit=limit,
                       batch_size=batch_size, num_fewshot=num_fewshot)
-    out = Path(output) if output else default_eval_dir(model_path, "lm-eval")
-    task_scores = lm_eval_scores(model_path, spec, device, out)
+    source = resolve_model(model_path, key="MODEL")
+    out = Path(output) if output else default_eval_dir(source, "lm-eval")
+    task_scores = lm_eval_scores(source, spec, device, out)
     run = RunDir.of_model(model_path)
     if run is not None:
         run.update_summary("lm_eval", task_scores)

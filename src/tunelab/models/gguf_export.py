@@ -30,7 +30,8 @@ from typing import Any
 from tunelab.data.templates import TemplateMismatch, choice_of
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
-from tunelab.models.inference import load_for_inference, resolve_model_dir
+from tunelab.models.inference import load_for_inference
+from tunelab.models.ref import ResolvedModel, as_resolved
 
 OUT_TYPES = ("f16", "bf16", "q8_0", "f32")
 _MARKERS = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
@@ -270,14 +271,13 @@ def end_of_turn_id(tok: Any) -> int | None:
     return ids[0] if ids and ids[0] is not None and ids[0] != tok.unk_token_id else None
 
 
-def load_merged(source: str) -> tuple[Any, Any]:
+def load_merged(source: ResolvedModel | str) -> tuple[Any, Any]:
     """(merged causal LM, tokenizer) of a run dir, final/, LoRA adapter or model dir; prefix/prompt refused."""
-    p = Path(resolve_model_dir(source))
-    cfg = p / "adapter_config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("peft_type") not in ("LORA", None):
-        kind = json.loads(cfg.read_text()).get("peft_type")
-        raise UserError(Problem("MODEL", f"{source} is a {kind} adapter: its virtual tokens do not fold into weights, "
-                                "and llama.cpp cannot run them", "export a full or LoRA/DoRA/QLoRA fine-tune"))
+    source = as_resolved(source)
+    if source.kind == "adapter" and source.peft_type not in ("LORA", None):
+        raise UserError(Problem(source.key, f"{source.given} is a {source.peft_type} adapter: its virtual tokens do "
+                                "not fold into weights, and llama.cpp cannot run them",
+                                "export a full or LoRA/DoRA/QLoRA fine-tune"))
     model, tok = load_for_inference(source, merge=True)
     return model.eval(), tok
 
@@ -294,9 +294,9 @@ def run_export_gguf(source: str, output: Path, out_type: str = "f16") -> dict[st
 
     if importlib.util.find_spec("gguf") is None:
         raise UserError(Problem("tunelab export gguf", "writing GGUF needs the gguf package", 'pip install "tunelab[gguf]"'))
-    model, tok = load_merged(source)
-    info = write_gguf(model, tok, output, out_type, name=Path(source).name if not source.startswith("builtin:")
-                      else source[len("builtin:"):])
+    resolved = as_resolved(source)
+    model, tok = load_merged(resolved)
+    info = write_gguf(model, tok, output, out_type, name=resolved.short_name)
     types = ", ".join(f"{n} {k}" for k, n in sorted(info["tensor_types"].items()))
     stops = [tok.convert_ids_to_tokens(i) for i in (info["eos"], info["eot"]) if i is not None]
     say(f"wrote {output} ({info['bytes'] / 1e6:.1f} MB, {info['architecture']}, tensors: {types}; "

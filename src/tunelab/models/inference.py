@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,36 +10,30 @@ from tunelab.data.templates import TemplateMismatch, apply_choice, choose_templa
 from tunelab.errors import Problem, UserError
 from tunelab.eval.progress import progress
 from tunelab.log import say
-from tunelab.models.builtin import BUILTIN_MODELS, builtin_model, builtin_tokenizer
-from tunelab.models.gguf import REAL_BUILTINS, is_gguf_path
+from tunelab.models.builtin import builtin_model, builtin_tokenizer
 from tunelab.models.load import (
     ensure_pad_token,
-    is_tiny_builtin,
     load_gguf_model,
     load_mla_checkpoint,
-    mla_checkpoint,
     pretrained_tokenizer,
     set_stop_tokens,
 )
+from tunelab.models.ref import ResolvedModel, as_resolved
+from tunelab.patches.mla.block import mla_causal_only_problem
 
 
-def resolve_model_dir(path: str) -> str:
-    """A run dir means its final/; anything else is used as given."""
-    p = Path(path)
-    if (p / "final").is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-        return str(p / "final")
-    return path
-
-
-def inference_tokenizer(path: str) -> Any:
+def inference_tokenizer(model: ResolvedModel | str) -> Any:
     """The tokenizer saved with a model (the bundled one for built-in bases), with a pad token."""
     from transformers import AutoTokenizer
 
-    if is_gguf_path(path):
-        tok = pretrained_tokenizer(path, key="MODEL")
+    model = as_resolved(model)
+    if model.kind == "builtin":
+        return builtin_tokenizer()  # its own template, as training renders it
+    if model.is_gguf:
+        tok = pretrained_tokenizer(model)
     else:
         try:
-            tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
+            tok = ensure_pad_token(AutoTokenizer.from_pretrained(model.path))
         except (OSError, ValueError):
             tok = builtin_tokenizer()
     try:  # a model tunelab saved carries its registry template: recognise it (its end-of-turn token)
@@ -50,112 +43,95 @@ def inference_tokenizer(path: str) -> Any:
     return tok
 
 
-def load_base(path: str, head: str = "causal") -> Any:
-    """A base model named by a path an adapter records: built-in, GGUF file, MLA directory or HF directory/hub id."""
+def load_weights(model: ResolvedModel, head: str = "causal") -> Any:
+    """The weights ``model`` names, as saved: built-in, GGUF file, MLA directory, adapter on its base, model directory
+    or hub id (``head="score"``: a one-output sequence classifier)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto: Any = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
-    if is_tiny_builtin(path):
-        return builtin_model(path[len("builtin:") :], head=head)
-    if is_gguf_path(path):
-        return load_gguf_model(path, auto, None, head=head, key="MODEL")
-    if head == "causal" and mla_checkpoint(path):
-        return load_mla_checkpoint(path)
+    if model.kind == "builtin":
+        return builtin_model(model.name, head=head)
+    if model.is_gguf:
+        return load_gguf_model(model, auto, None, head=head)
+    if model.kind == "mla":
+        if head != "causal":
+            raise UserError(mla_causal_only_problem(model.key, model.path, fix="use an unconverted model"))
+        return load_mla_checkpoint(model.path)
+    if model.kind == "adapter":
+        from peft import PeftModel
+
+        if model.base is None:
+            raise UserError(Problem(model.key, f"{model.path}/adapter_config.json names no base model "
+                                    "(base_model_name_or_path)", "a PEFT adapter records the model it was trained on"))
+        return PeftModel.from_pretrained(load_weights(model.base, head), model.path)
+    model.check()  # not there, or no model in it
     kwargs: dict[str, Any] = {"num_labels": 1} if head == "score" else {}
+    if model.revision:
+        kwargs["revision"] = model.revision
+    if model.kind == "hf_dir":  # a model directory that does not load is broken, not misnamed: a runtime error
+        return auto.from_pretrained(model.path, use_safetensors=True, **kwargs)
     try:
-        return auto.from_pretrained(path, use_safetensors=True, **kwargs)
-    except OSError as exc:
-        raise UserError(Problem("MODEL", f"cannot load {path!r}: {exc}"[:400])) from None
+        return auto.from_pretrained(model.path, use_safetensors=True, **kwargs)
+    except OSError as exc:  # a hub id offline, or not a model
+        raise UserError(Problem(model.key, f"cannot load {model.path!r}: {exc}"[:400])) from None
 
 
-def load_for_inference(path: str, merge: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) from a full model dir, a PEFT adapter dir, a run dir, or builtin:tiny-*.
+def load_for_inference(model: ResolvedModel | str, merge: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) from a full model dir, a PEFT adapter dir (``merge``: folded into its base), a run dir, a
+    GGUF file or a built-in model.
 
     MLA-converted directories (and adapters trained on one) load with their MLA attention.
     """
-    from transformers import AutoModelForCausalLM
-
-    if path.startswith("builtin:"):
-        name = path[len("builtin:") :]
-        if name not in BUILTIN_MODELS and name not in REAL_BUILTINS:
-            known = ", ".join(f"builtin:{k}" for k in {**BUILTIN_MODELS, **REAL_BUILTINS})
-            raise UserError(Problem("MODEL", f"unknown built-in model {path!r}", "known: " + known))
-        if name in BUILTIN_MODELS:
-            return builtin_model(name), builtin_tokenizer()
-    if is_gguf_path(path):
-        return load_base(path), inference_tokenizer(path)
-    path = resolve_model_dir(path)
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        cfg = json.loads((p / "adapter_config.json").read_text())
-        base = load_base(cfg.get("base_model_name_or_path") or "")
-        model: Any = PeftModel.from_pretrained(base, path)
-        if merge:
-            model = model.merge_and_unload()
-    elif mla_checkpoint(p):
-        model = load_mla_checkpoint(p)
-    elif p.is_dir() and (p / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    elif p.exists():
-        raise UserError(Problem("MODEL", f"{path} holds neither a model (config.json) nor an adapter"))
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-        except OSError as exc:
-            raise UserError(Problem("MODEL", f"cannot load {path!r}: {exc}"[:400])) from None
-    return model, inference_tokenizer(path)
+    model = as_resolved(model)
+    net = load_weights(model)
+    if merge and model.kind == "adapter":
+        net = net.merge_and_unload()
+    return net, inference_tokenizer(model)
 
 
-def load_reward_model(path: str) -> tuple[Any, Any]:
+def load_reward_model(model: ResolvedModel | str) -> tuple[Any, Any]:
     """(reward model, tokenizer) from a reward run dir, its final/, or a reward LoRA adapter dir."""
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve_model_dir(path)
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        cfg = json.loads((p / "adapter_config.json").read_text())
-        if cfg.get("task_type") != "SEQ_CLS":
-            raise UserError(Problem("MODEL", f"{path} is a {cfg.get('task_type')} adapter, not a reward model"))
-        base = load_base(cfg["base_model_name_or_path"], head="score")
-        model = PeftModel.from_pretrained(base, path)
-    elif (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text())
-        if cfg.get("mla"):
-            raise UserError(Problem("MODEL", f"{path} is an MLA-converted causal LM, not a reward model",
+    model = as_resolved(model)
+    if model.kind == "adapter":
+        if model.task_type != "SEQ_CLS":
+            raise UserError(Problem(model.key, f"{model.path} is a {model.task_type} adapter, not a reward model"))
+        net = load_weights(model, head="score")
+    elif model.kind == "mla":
+        raise UserError(Problem(model.key, f"{model.path} is an MLA-converted causal LM, not a reward model",
+                                "train one with method: reward"))
+    elif model.kind == "hf_dir":
+        if not any(a.endswith("ForSequenceClassification") for a in model.architectures):
+            raise UserError(Problem(model.key, f"{model.path} is not a reward model ({', '.join(model.architectures)})",
                                     "train one with method: reward"))
-        if not any(a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
-            raise UserError(Problem("MODEL", f"{path} is not a reward model ({', '.join(cfg.get('architectures') or [])})",
-                                    "train one with method: reward"))
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        net = AutoModelForSequenceClassification.from_pretrained(model.path, use_safetensors=True)
     else:
-        raise UserError(Problem("MODEL", f"{path} holds neither a model (config.json) nor an adapter"))
-    tok = inference_tokenizer(path)
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok
+        model.check()  # not there, or no model in it
+        raise UserError(Problem(model.key, f"{model.given} is not a reward model directory (config.json) or adapter",
+                                "point at a reward model run, its final/ or a reward adapter"))
+    tok = inference_tokenizer(model)
+    net.config.pad_token_id = tok.pad_token_id
+    return net, tok
 
 
-def run_merge(source: str, output: Path) -> Path:
+def run_merge(source: ResolvedModel | str, output: Path) -> Path:
     """Merge a LoRA/DoRA adapter into its base weights and save model + tokenizer to ``output``."""
-    path = resolve_model_dir(source)
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise UserError(Problem("SOURCE", f"{source} is not a PEFT adapter (no adapter_config.json)",
+    model = as_resolved(source, "SOURCE")
+    if model.kind != "adapter":
+        raise UserError(Problem(model.key, f"{model.given} is not a PEFT adapter (no adapter_config.json)",
                                 "merge takes a LoRA/DoRA run dir or adapter dir"))
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise UserError(Problem("SOURCE", f"{cfg.get('peft_type')} adapters cannot be merged into weights",
+    if model.peft_type != "LORA":
+        raise UserError(Problem(model.key, f"{model.peft_type} adapters cannot be merged into weights",
                                 "only LoRA/DoRA/QLoRA adapters merge; prefix/prompt tuning stay adapters"))
-    model, tok = load_for_inference(path, merge=True)
+    net, tok = load_for_inference(model, merge=True)
     if output.exists() and any(output.iterdir()):
         raise UserError(Problem("--output", f"{output} exists and is not empty"))
 
-    stops = set_stop_tokens(model, tok)
-    model.save_pretrained(output)
+    stops = set_stop_tokens(net, tok)
+    net.save_pretrained(output)
     tok.save_pretrained(output)
-    say(f"merged {source} -> {output} (stops at token ids {stops})")
+    say(f"merged {model.given} -> {output} (stops at token ids {stops})")
     return output
 
 

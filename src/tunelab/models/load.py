@@ -1,7 +1,9 @@
 """Load a model and tokenizer from a hub id, a local directory, a GGUF file or ``builtin:*``.
 
 ``builtin:tiny-*`` are random-init configs built here; ``builtin:smollm2-135m-instruct`` and any
-``*.gguf`` path are GGUF files that transformers dequantizes (``tunelab.models.gguf``).
+``*.gguf`` path are GGUF files that transformers dequantizes (``tunelab.models.gguf``). Which of
+these a path is, ``tunelab.models.ref.resolve_model`` says once; the functions here switch on its
+``kind`` (each takes the ``ResolvedModel`` its caller has, or resolves the spec's path at its entry).
 
 ``trust_remote_code`` only ever comes from the recipe; weights load from safetensors only. A
 local directory saved after MLA conversion (its config.json has an ``mla`` block) loads through
@@ -13,22 +15,16 @@ like any other.
 from __future__ import annotations
 
 import importlib.util
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from tunelab.data.templates import TemplateMismatch, apply_choice, choose_template, end_of_turn_ids
 from tunelab.errors import Problem, UserError
-from tunelab.models.builtin import BUILTIN_MODELS, builtin_config, builtin_model, builtin_tokenizer
-from tunelab.models.gguf import gguf_error, is_gguf_path, pretrained_kwargs
+from tunelab.models.builtin import builtin_config, builtin_model, builtin_tokenizer
+from tunelab.models.ref import ResolvedModel, as_resolved, resolve_model
 from tunelab.patches.mla.block import mla_attention_problem, mla_causal_only_problem, mla_unquantized_problem
 from tunelab.specs import ModelSpec, QuantizationSpec, RecipeSpec
-
-
-def is_tiny_builtin(path: str) -> bool:
-    """``builtin:tiny-*``: a random-init model built from a config here (no file behind it)."""
-    return path.startswith("builtin:") and path[len("builtin:"):] in BUILTIN_MODELS
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -46,49 +42,33 @@ def attn_problems(spec: "ModelSpec") -> list[Problem]:
     return []
 
 
-def missing_local_model(path: str, key: str = "model.path") -> Problem | None:
-    """A path that can only be a local directory (not ``org/name``) and does not exist."""
-    if path.startswith("builtin:"):
-        return None
-    if is_gguf_path(path) and not Path(path).expanduser().is_file():
-        return Problem(key, f"{path} does not exist", "check the path to the .gguf file")
-    local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
-    p = Path(path).expanduser()
-    if not local or p.exists():
-        return None
-    hint = "check the path"
-    if p.name == "final":
-        hint = f"it is a run's output: train the run that writes {p.parent} first"
-    return Problem(key, f"{path} does not exist", hint)
+def recipe_models(recipe: "RecipeSpec") -> dict[str, ResolvedModel]:
+    """Every model a recipe names, resolved once, by the recipe key that names it: ``model.path`` first, then the
+    ones its method names (references, reward models, critics)."""
+    models = {"model.path": resolve_model(recipe.model.path, recipe.model.revision, "model.path")}
+    for ref in recipe.method.model_refs():
+        if ref.path and ref.key not in models:
+            models[ref.key] = resolve_model(ref.path, key=ref.key)
+    return models
 
 
-def missing_models(recipe: "RecipeSpec") -> list[Problem]:
-    """Model paths of a recipe (the model and the ones its method names) that can only be local directories
-    and do not exist."""
-    paths = [("model.path", recipe.model.path)] + [(ref.key, ref.path) for ref in recipe.method.model_refs()]
-    return [m for key, path in paths if path and (m := missing_local_model(path, key))]
-
-
-def mla_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a local model directory converted to MLA (an ``mla`` block in its config.json)."""
-    config = Path(str(path)).expanduser() / "config.json"
-    if str(path).startswith("builtin:") or is_gguf_path(str(path)) or not config.is_file():
-        return False
-    try:
-        return bool(json.loads(config.read_text(encoding="utf-8")).get("mla"))
-    except (OSError, ValueError, AttributeError):
-        return False  # unreadable: the ordinary loader reports it
+def missing_models(models: dict[str, ResolvedModel]) -> list[Problem]:
+    """The models of a recipe that can only be local paths and are not there (a chain's later step, or a typo)."""
+    return [m.missing for m in models.values() if m.missing is not None]
 
 
 # what to say of an MLA model named where a method needs a score model
 _SCORE_REF_FIX = {"reward model": "use a reward model run", "critic": "use a reward model run or an unconverted model"}
 
 
-def mla_checkpoint_problems(recipe: "RecipeSpec") -> list[Problem]:
-    """A recipe whose models are MLA-converted directories must load them the ways MLA supports (no weights read)."""
+def mla_checkpoint_problems(recipe: "RecipeSpec", models: dict[str, ResolvedModel]) -> list[Problem]:
+    """A recipe whose models are MLA-converted directories must load them the ways MLA supports (no weights read).
+
+    ``models``: the recipe's models as ``recipe_models`` resolved them.
+    """
     problems = []
     path = recipe.model.path
-    if mla_checkpoint(path):
+    if models["model.path"].kind == "mla":
         if problem := mla_attention_problem(recipe.model.attn_implementation, f"{path} is an MLA model"):
             problems.append(problem)
         peft_method = recipe.peft.method if recipe.peft is not None else None
@@ -100,7 +80,7 @@ def mla_checkpoint_problems(recipe: "RecipeSpec") -> list[Problem]:
                                                     "sequence classifier", "start the reward model from the "
                                                     "unconverted model"))
     for ref in recipe.method.model_refs():
-        if ref.head == "score" and mla_checkpoint(ref.path):
+        if ref.head == "score" and ref.key in models and models[ref.key].kind == "mla":
             problems.append(mla_causal_only_problem(ref.key, ref.path, f", not a {ref.role}",
                                                     _SCORE_REF_FIX.get(ref.role, "use an unconverted model")))
     return problems
@@ -121,15 +101,21 @@ def load_mla_checkpoint(path: str | Path, dtype: Any = None, attn_implementation
     return model
 
 
-def load_config(spec: "ModelSpec") -> Any | None:
-    """The model's config without its weights (builtin, local dir, or a hub id in the local cache); None if unknown."""
-    if is_tiny_builtin(spec.path):
-        return builtin_config(spec.path[len("builtin:") :])
+def load_config(spec: "ModelSpec", source: ResolvedModel | None = None) -> Any | None:
+    """The model's config without its weights (builtin, local dir, or a hub id in the local cache); None if unknown.
+
+    ``source``: ``spec.path`` already resolved (else it is resolved here).
+    """
+    source = source or resolve_model(spec.path, spec.revision)
+    if source.kind == "builtin":
+        return builtin_config(source.name)
+    if source.problem is not None:
+        return None  # not trained yet (a chain), or a wheel not installed: said elsewhere
     from transformers import AutoConfig
 
     try:
-        path, extra = pretrained_kwargs(spec.path)
-        return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+        path, extra = source.pretrained_args()
+        return AutoConfig.from_pretrained(path, revision=source.revision, trust_remote_code=spec.trust_remote_code,
                                           **extra)
     except (OSError, ValueError, UserError):
         return None  # not trained yet (a chain), or a hub id offline: noted elsewhere
@@ -146,14 +132,14 @@ def resolve_dtype(spec: "ModelSpec", full_finetune: bool) -> Any:
     return torch.float32
 
 
-def load_tokenizer(spec: "ModelSpec") -> Any:
+def load_tokenizer(spec: "ModelSpec", source: ResolvedModel | None = None) -> Any:
     """The tokenizer, with a pad token (see ``ensure_pad_token``) and the run's chat template applied.
 
     The template is ``model.chat_template`` resolved by ``tunelab.data.templates.choose_template``;
-    the tokenizer then renders (and is saved) with it.
+    the tokenizer then renders (and is saved) with it. ``source``: ``spec.path`` already resolved.
     """
-    tok = builtin_tokenizer() if is_tiny_builtin(spec.path) else pretrained_tokenizer(spec.path, spec.revision,
-                                                                                        spec.trust_remote_code)
+    source = source or resolve_model(spec.path, spec.revision)
+    tok = builtin_tokenizer() if source.kind == "builtin" else pretrained_tokenizer(source, spec.trust_remote_code)
     try:
         apply_choice(tok, choose_template(spec, tok))
     except TemplateMismatch:
@@ -161,18 +147,19 @@ def load_tokenizer(spec: "ModelSpec") -> Any:
     return tok
 
 
-def pretrained_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False,
-                         key: str = "model.path") -> Any:
+def pretrained_tokenizer(model: ResolvedModel | str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a hub id, a directory or a GGUF file (its vocabulary and chat template come from the file)."""
     from transformers import AutoTokenizer
 
-    if is_gguf_path(path):
-        gguf_error(path, key)
-    where, extra = pretrained_kwargs(path, key)
+    model = as_resolved(model, "model.path")
+    if model.is_gguf:
+        model.check()
+    where, extra = model.pretrained_args()
     try:
-        tok = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code, **extra)
+        tok = AutoTokenizer.from_pretrained(where, revision=model.revision, trust_remote_code=trust_remote_code,
+                                            **extra)
     except (OSError, ValueError) as exc:
-        raise UserError(Problem(key, f"cannot load tokenizer from {path!r}: {exc}"[:500],
+        raise UserError(Problem(model.key, f"cannot load tokenizer from {model.given!r}: {exc}"[:500],
                                 "check the hub id, directory or file (offline machines need a local copy)")) from None
     return ensure_pad_token(tok)
 
@@ -215,36 +202,39 @@ def bnb_config(q: "QuantizationSpec") -> Any:
     )
 
 
-def load_model(spec: "ModelSpec", quantization: "QuantizationSpec | None" = None, full_finetune: bool = True, head: str = "causal") -> Any:
+def load_model(spec: "ModelSpec", quantization: "QuantizationSpec | None" = None, full_finetune: bool = True,
+               head: str = "causal", source: ResolvedModel | None = None) -> Any:
     """The causal LM of ``spec`` (quantized when a quantization block is given).
 
     ``head="score"`` loads the same checkpoint as a one-output sequence classifier (a reward
     model): the body's weights, a new score head unless the checkpoint already has one.
+    ``source``: ``spec.path`` already resolved (validate's); else it is resolved here.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    source = source or resolve_model(spec.path, spec.revision)
     dtype = resolve_dtype(spec, full_finetune)
     auto: Any = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
-    if is_tiny_builtin(spec.path):
-        name = spec.path[len("builtin:") :]
-        model = builtin_model(name, dtype=dtype, attn_implementation=spec.attn_implementation, head=head)
+    if source.kind == "builtin":
+        built = builtin_model(source.name, dtype=dtype, attn_implementation=spec.attn_implementation, head=head)
         if quantization is None:
-            return model
+            return built
         # quantization happens at load time: go through a saved copy like any local checkpoint
         tmp = Path(tempfile.mkdtemp(prefix="tunelab-builtin-"))
-        model.save_pretrained(tmp)
+        built.save_pretrained(tmp)
         path, revision, remote = str(tmp), None, False
-    else:
-        path, revision, remote = spec.path, spec.revision, spec.trust_remote_code
-    if is_gguf_path(path):
-        return load_gguf_model(path, auto, dtype, spec.attn_implementation, quantization, head)
-    if mla_checkpoint(path):
+    elif source.is_gguf:
+        return load_gguf_model(source, auto, dtype, spec.attn_implementation, quantization, head)
+    elif source.kind == "mla":
         if quantization is not None:
-            raise UserError(mla_unquantized_problem("model.quantization", path))
+            raise UserError(mla_unquantized_problem("model.quantization", source.path))
         if head != "causal":
-            raise UserError(mla_causal_only_problem("model.path", path, fix="start a reward model or critic from the "
-                                                    "unconverted model"))
-        return load_mla_checkpoint(path, dtype, spec.attn_implementation)
+            raise UserError(mla_causal_only_problem(source.key, source.path, fix="start a reward model or critic from "
+                                                    "the unconverted model"))
+        return load_mla_checkpoint(source.path, dtype, spec.attn_implementation)
+    else:  # a model directory, an adapter (transformers loads its base), a hub id
+        source.check()  # not there, or no model in it
+        path, revision, remote = source.path, source.revision, spec.trust_remote_code
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                                   trust_remote_code=remote, use_safetensors=True)
     if revision:
@@ -256,19 +246,20 @@ def load_model(spec: "ModelSpec", quantization: "QuantizationSpec | None" = None
     try:
         return auto.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise UserError(Problem("model.path", f"cannot load model from {spec.path!r}: {exc}"[:500],
+        raise UserError(Problem(source.key, f"cannot load model from {spec.path!r}: {exc}"[:500],
                                 "check the hub id or directory; only safetensors weights are loaded")) from None
 
 
-def load_gguf_model(path: str, auto: Any, dtype: Any, attn_implementation: str = "sdpa", quantization: "QuantizationSpec | None" = None,
-                    head: str = "causal", key: str = "model.path") -> Any:
-    """A model from a GGUF file, dequantized to ``dtype``; named by ``path`` so an adapter records it as its base.
+def load_gguf_model(model: ResolvedModel, auto: Any, dtype: Any, attn_implementation: str = "sdpa",
+                    quantization: "QuantizationSpec | None" = None, head: str = "causal") -> Any:
+    """A model from a GGUF file, dequantized to ``dtype``; named by its path (a real built-in: ``builtin:NAME``) so
+    an adapter records it as its base.
 
     With a quantization block (QLoRA) the dequantized weights go through a saved safetensors copy
     first: bitsandbytes quantizes at load time, from ordinary weights.
     """
-    gguf_error(path, key)
-    where, extra = pretrained_kwargs(path, key)
+    model.check()  # the GGUF file there, its header one transformers reads
+    where, extra = model.pretrained_args()
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation, **extra)
     if head == "score":
         kwargs["num_labels"] = 1
@@ -279,14 +270,14 @@ def load_gguf_model(path: str, auto: Any, dtype: Any, attn_implementation: str =
                       quantization_config=bnb_config(quantization))
         if head == "score":
             kwargs["num_labels"] = 1
-        model = auto.from_pretrained(str(tmp), **kwargs)
+        net = auto.from_pretrained(str(tmp), **kwargs)
     else:
-        model = auto.from_pretrained(where, **kwargs)
-    forget_gguf_quantization(model)
-    name = path if path.startswith("builtin:") else str(Path(path).expanduser().resolve())
-    model.name_or_path = name
-    model.config.name_or_path = name
-    return model
+        net = auto.from_pretrained(where, **kwargs)
+    forget_gguf_quantization(net)
+    name = model.given if model.kind == "real_builtin" else str(Path(where, extra["gguf_file"]))
+    net.name_or_path = name
+    net.config.name_or_path = name
+    return net
 
 
 def forget_gguf_quantization(model: Any) -> None:

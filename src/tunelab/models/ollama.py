@@ -25,6 +25,7 @@ from tunelab.data.templates import choice_of, identify
 from tunelab.errors import Problem, UserError
 from tunelab.log import say
 from tunelab.models.gguf_export import load_merged, write_gguf
+from tunelab.models.ref import resolve_model
 
 _CHATML = ('{{- range $i, $m := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
            '<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n'
@@ -142,22 +143,22 @@ def run_export_ollama(source: str, output: Path, out_type: str = "q8_0", name: s
     """`tunelab export ollama`: OUT/model.gguf + OUT/Modelfile; `ollama create NAME -f OUT/Modelfile` where installed."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(Problem("--output", f"{output} exists and is not an empty folder", "give a new folder"))
-    model, tok = load_merged(source)
+    resolved = resolve_model(source, key="MODEL")
+    model, tok = load_merged(resolved)
     choice = choice_of(tok)
     entry = choice.entry or (identify(tok, tok.chat_template) if tok.chat_template else None)
     if entry is None:
-        raise UserError(Problem("MODEL", f"{source} carries chat template {choice.name!r}, not a registry template; "
-                                "an Ollama TEMPLATE exists only for those",
+        raise UserError(Problem(resolved.key, f"{source} carries chat template {choice.name!r}, not a registry "
+                                "template; an Ollama TEMPLATE exists only for those",
                                 "train with model.chat_template set to one of: " + ", ".join(TEMPLATES)))
     output.mkdir(parents=True, exist_ok=True)
-    info = write_gguf(model, tok, output / "model.gguf", out_type,
-                      name=Path(source).name if not source.startswith("builtin:") else source[len("builtin:"):])
+    info = write_gguf(model, tok, output / "model.gguf", out_type, name=resolved.short_name)
     text, meta = build_modelfile("model.gguf", entry.name, tok, choice.text or tok.chat_template, info["add_bos"])
     (output / "Modelfile").write_text(text, encoding="utf-8")
     say(f"wrote {output}/model.gguf ({info['bytes'] / 1e6:.1f} MB, {out_type}) and {output}/Modelfile (template "
         f"{entry.name}, stops {', '.join(meta['stops'])}" + (", default system prompt" if meta["system"] else "") + ")")
     if shutil.which("ollama"):
-        tag = name or Path(source).resolve().name.lower()
+        tag = name or resolved.short_name.lower()
         subprocess.run(["ollama", "create", tag, "-f", str(output / "Modelfile")], check=True)
         say(f"ollama create {tag}: done; run it with: ollama run {tag}")
     else:

@@ -78,6 +78,7 @@ from tunelab.errors import Problem, UserError
 from tunelab.methods import method_of
 from tunelab.models.load import load_config
 from tunelab.models.peft import quantization_of
+from tunelab.models.ref import ResolvedModel
 from tunelab.specs import LoraSpec, PrefixSpec, PromptSpec
 
 if TYPE_CHECKING:
@@ -384,9 +385,12 @@ def parse_memory(text: str) -> float:
 
 
 def estimate(recipe: "Recipe", gpus: int = 1, gpu_memory: float = 80 * GIB, seq_len: int | None = None,
-             gpu: bool = True, config: Any = None) -> Plan:
-    """The per-GPU memory of every strategy for ``recipe`` and the cheapest that fits (no weights loaded)."""
-    config = config if config is not None else load_config(recipe.model)
+             gpu: bool = True, config: Any = None, source: ResolvedModel | None = None) -> Plan:
+    """The per-GPU memory of every strategy for ``recipe`` and the cheapest that fits (no weights loaded).
+
+    ``config``: the model's config when validate read it; ``source``: ``model.path`` as validate resolved it.
+    """
+    config = config if config is not None else load_config(recipe.model, source)
     if config is None:
         raise UserError(Problem("model.path", f"the config of {recipe.model.path!r} is not available here "
                                 "(a hub id not in the local cache offline, or a run that has not been trained yet)",

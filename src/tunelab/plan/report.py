@@ -58,17 +58,17 @@ def run_plan(recipe_path: str, overrides: list[str], gpus: int = 1, gpu_memory: 
     recipe = resolved.recipe
     lines: list[str] = []
     try:
-        plan = estimate(recipe, gpus, mem, seq_len, config=resolved.model_config)
+        plan = estimate(recipe, gpus, mem, seq_len, config=resolved.model_config, source=resolved.model)
         lines += format_plan(plan)
     except UserError as exc:
         lines += [f"memory: not estimated: {p}" for p in exc.problems]
-        if data and not recipe.model.path.startswith("builtin:"):
+        if data and resolved.model.kind not in ("builtin", "real_builtin"):
             # the tokenizer lives where the config does: don't wait for the hub a second time
             return lines + [f"data: not shown: the tokenizer of {recipe.model.path} is not available here either"]
     if not data:
         return lines
 
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(recipe.model, resolved.model)
     histograms = length_histograms(recipe, tokenizer)
     if len(histograms) < len(recipe.data.train):
         lines += ["", f"data: {len(recipe.data.train) - len(histograms)} hub source(s) not read: this machine is set "

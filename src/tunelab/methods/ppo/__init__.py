@@ -21,7 +21,7 @@ from tunelab.errors import Problem
 from tunelab.methods.base import MemoryTerms, RunHooks
 from tunelab.methods.online import OnlineRL
 from tunelab.methods.ppo.block import PPOBlock
-from tunelab.models.load import mla_checkpoint
+from tunelab.models.ref import resolve_model
 from tunelab.patches.mla.block import mla_causal_only_problem
 from tunelab.specs import RecipeSpec
 
@@ -63,7 +63,8 @@ class PPO(OnlineRL[PPOBlock]):
         if recipe.peft is not None and recipe.peft.method not in ("lora", "dora", "qlora"):
             problems.append(Problem("peft.method", f"PPO supports LoRA-style adapters, not {recipe.peft.method}",
                                     "use lora, dora or qlora"))
-        if m.critic == "policy" and mla_checkpoint(recipe.model.path):
+        # Method.check sees the recipe only: its model path is resolved again here (cheap, no weights), only for this
+        if m.critic == "policy" and resolve_model(recipe.model.path, recipe.model.revision).kind == "mla":
             problems.append(mla_causal_only_problem("method.critic", recipe.model.path, " (the critic would be a "
                                                     "score-head copy of it)", "set method.critic to a reward model "
                                                     "run or an unconverted model"))
