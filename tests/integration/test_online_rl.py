@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -41,12 +43,17 @@ def test_reward_rises(run_cli, quickstart_sft, tmp_path, recipe):
     assert "## Results" in (tmp_path / recipe / "final" / "README.md").read_text()  # tunelab's card
 
 
+SEEDED = Path(__file__).resolve().parent / "grpo_seeded_sampling.py"  # GRPO sampled per completion, see there
+
+
 def _launch(launcher: list[str], recipe: str, sft_dir: Path, out: Path, *sets: str,
-            extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """``accelerate launch <launcher> --num_processes 2 -m tunelab train`` on a quickstart recipe."""
+            extra: tuple[str, ...] = (), entry: tuple[str, ...] = ("-m", "tunelab")) -> subprocess.CompletedProcess:
+    """``accelerate launch <launcher> --num_processes 2 -m tunelab train`` on a quickstart recipe (``entry``: what
+    runs instead of ``-m tunelab``; without ``launcher``, one plain process)."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", *launcher, "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab", "train",
+    launch = [str(accelerate), "launch", *launcher, "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"] if launcher else [sys.executable]
+    cmd = [*launch, *entry, "train",
            f"recipes/quickstart/{recipe}.yaml", "--set", f"model.path={sft_dir}/final",
            "--set", f"train.output_dir={out}", "--set", "method.eval_samples=1"]
     for s in sets:
@@ -62,24 +69,67 @@ def _metrics(out: Path) -> list[dict]:
 LAUNCHERS = {"MULTI_CPU": ["--multi_gpu"], "DEEPSPEED": ["--use_deepspeed", "--zero_stage", "2"]}
 
 
+GRPO_SETS = ("train.max_steps=3", "train.save_steps=2")
+NOT_COMPARED = {"step", "epoch", "step_time", "learning_rate"}  # the clock, and what is the same by setting
+
+
+@pytest.fixture(scope="module")
+def grpo_one_process(quickstart_sft, tmp_path_factory) -> Path:
+    """GRPO in one process over the global batch of the 2-process runs (64 completions: 2 x 32), each completion
+    sampled from a seed of its own (grpo_seeded_sampling.py), as the 2-process runs below sample."""
+    sft_dir, rc, _, err = quickstart_sft
+    assert rc == 0, err[-2000:]
+    out = tmp_path_factory.mktemp("grpo-one-process") / "grpo"
+    proc = _launch([], "grpo", sft_dir, out, *GRPO_SETS, "train.batch_size=64", entry=(str(SEEDED),))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["processes"] == 1
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "distributed"), [("grpo", "MULTI_CPU"), ("grpo", "DEEPSPEED")])
-def test_two_processes(quickstart_sft, tmp_path, recipe, distributed):
-    """accelerate launch, 2 CPU processes (DDP or ZeRO-2 over gloo): one process group, completes, final/ once.
+def test_two_processes(quickstart_sft, grpo_one_process, tmp_path, recipe, distributed):
+    """accelerate launch, 2 CPU processes (DDP or ZeRO-2 over gloo): one process group, completes, final/ once, and
+    trains as one process does on the same global batch.
 
-    (PPO runs both ways in the next test, which compares them number for number.)
+    TRL samples each process's completions from a seed of that process, so 1 and 2 processes would draw different
+    completions and nothing after sampling could be compared; both runs here sample each completion alone from a
+    seed of its prompt and place in its group (grpo_seeded_sampling.py), so they draw the same ones. Then rewards,
+    advantages, the loss over both processes' tokens, the all-reduced gradient and the steps must agree: every
+    logged number of every step (reward, its std, loss, grad norm, entropy, clip ratios, lengths, tokens), to float
+    rounding (measured under DDP: rewards, lengths and token counts equal, loss within 4e-9, grad norm 3e-7 of 0.59,
+    entropy 1.2e-7), and the final weights. (PPO runs both ways in the next test, number for number.)
     """
     sft_dir, rc, _, err = quickstart_sft
     assert rc == 0, err[-2000:]
     out = tmp_path / recipe
     # --multi_gpu is accelerate's torchrun launcher; on a machine without CUDA tunelab forms a gloo group
-    proc = _launch(LAUNCHERS[distributed], recipe, sft_dir, out, "train.max_steps=3", "train.save_steps=2")
+    proc = _launch(LAUNCHERS[distributed], recipe, sft_dir, out, *GRPO_SETS, entry=(str(SEEDED),))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["processes"], summary["distributed"]) == (2, distributed)  # not two runs side by side
     assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
     assert [m["step"] for m in _metrics(out) if "reward" in m] == [1, 2, 3]  # one writer, not one per process
     assert proc.stdout.count("[tunelab] done:") == 1
+
+    one, two = ([m for m in _metrics(run) if "reward" in m] for run in (grpo_one_process, out))
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        keys = {k for k in a.keys() & b.keys() if isinstance(a[k], (int, float))} - NOT_COMPARED
+        assert {"reward", "reward_std", "loss", "grad_norm"} <= keys, sorted(keys)
+        for k in sorted(keys):
+            assert b[k] == pytest.approx(a[k], abs=1e-6, rel=1e-5), (a["step"], k, a[k], b[k])
+    assert any(m["reward_std"] > 0 and m["grad_norm"] > 0 for m in one)  # groups differed: the policy was pushed
+    # the weights: 3 steps moved them by up to 3e-4; 1 and 2 processes end within 3.0e-6 of each other (DDP, ZeRO-2)
+    w1, w2 = (load_file(run / "final" / "model.safetensors") for run in (grpo_one_process, out))
+    start = load_file(sft_dir / "final" / "model.safetensors")
+    assert max((w1[k] - start[k]).abs().max().item() for k in w1) > 1e-4
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0, msg=name)
+    # ZeRO-2's save also writes the tied output embedding: the input embedding's copy, nothing else
+    assert w2.keys() - w1.keys() <= {"lm_head.weight"} and w1.keys() <= w2.keys()
+    if "lm_head.weight" in w2:
+        assert torch.equal(w2["lm_head.weight"], w2["model.embed_tokens.weight"])
 
 
 @pytest.mark.slow

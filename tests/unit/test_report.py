@@ -7,15 +7,29 @@ import re
 
 import pytest
 
+from plot_pixels import bar_heights, fit, png_images
 from tunelab.errors import UserError
 from tunelab.report import run_status, write_report
+
+
+# each series a shape of its own, so that a plot showing another series' numbers (or none) is told apart
+SERIES = {
+    "loss": lambda s: 3.0 - s / 10 + 0.25 * (s % 2),  # a falling zigzag
+    "learning_rate": lambda s: 1e-4 * (s / 4 if s <= 4 else (12 - s) / 8),  # warm-up, then decay
+    "grad_norm": lambda s: 1.0 + s % 3,  # a saw
+    "rewards/margins": lambda s: (s / 7) ** 2,  # a convex rise
+}
+
+
+def _series(root) -> dict[str, list[tuple[float, float]]]:
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    return {k: [(r["step"], r[k]) for r in rows] for k in SERIES}
 
 
 def _run(tmp_path, final: bool = True):
     root = tmp_path / "run"
     root.mkdir()
-    rows = [{"step": s, "loss": 3.0 - s / 10, "learning_rate": 1e-4 * (1 - s / 20), "grad_norm": 1.0 + s % 3,
-             "rewards/margins": s / 7} for s in range(1, 11)]
+    rows = [{"step": s, **{k: f(s) for k, f in SERIES.items()}} for s in range(1, 11)]
     (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (root / "recipe.lock.yaml").write_text("model: {path: builtin:tiny-llama}\nnote: '<script>alert(1)</script>'\n")
     (root / "summary.json").write_text(json.dumps({
@@ -33,16 +47,38 @@ def _run(tmp_path, final: bool = True):
 
 
 def test_report_has_plots_counts_evals_and_fetches_nothing(tmp_path):
-    page = write_report(_run(tmp_path)).read_text(encoding="utf-8")
+    root = _run(tmp_path)
+    page = write_report(root).read_text(encoding="utf-8")
     images = re.findall(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]+'", page)
     assert len(images) == 5  # loss, learning_rate, grad_norm, rewards/margins, the length histogram
     for name in ("loss", "learning_rate", "grad_norm", "rewards/margins", "train length histogram"):
         assert f"alt='{name}'" in page
+
+    # each plot draws the run's own numbers, read back from the PNG's pixels (tests/plot_pixels.py, not the plotting
+    # code): R^2 of the curve against its series of metrics.jsonl measured >= 0.991, against any other <= 0.094
+    pngs, series = png_images(page), _series(root)
+    for name in SERIES:
+        assert (r2 := fit(pngs[name], series[name])) > 0.97, (name, r2)
+        for other in SERIES.keys() - {name}:
+            assert (r2 := fit(pngs[name], series[other])) < 0.5, (name, other, r2)
+    one_off = [(s, v + 0.8 if s == 5 else v) for s, v in series["loss"]]  # one number of another run
+    assert (r2 := fit(pngs["loss"], one_off)) < 0.9, r2  # (measured 0.70; 0.89 for +0.4)
+    # the histogram's bars stand in the data report's proportions (to a pixel: measured heights 3, 46, ..., 183)
+    hist = json.loads((root / "data_report.json").read_text())["train"][0]["length_histogram"]
+    bars = bar_heights(pngs["train length histogram"], [(0x4C, 0x72, 0xB0), (0xC4, 0x4E, 0x52)])
+    assert len(bars) == len(hist)
+    scale = max(bars) / max(hist)
+    assert all(abs(b - h * scale) <= 1.5 for b, h in zip(bars, hist)), (bars, hist)
     for count in ("1200", "1191", "<td>7</td>", "row 17: missing"):
         assert count in page
     assert "1633" in page and "2.52" in page and "status: <b>done</b>" in page
     assert "<script>" not in page and "&lt;script&gt;" in page  # the lock is shown escaped
     assert not re.search(r"""(src|href)\s*=\s*['"]?(https?:)?//|url\(|@import""", page)  # nothing external
+
+
+def _series(root) -> dict[str, list[tuple[float, float]]]:
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    return {k: [(r["step"], r[k]) for r in rows] for k in SERIES}
 
 
 def test_status_and_not_a_run(tmp_path):
