@@ -51,8 +51,8 @@ TEACH = ["--set", "train.max_steps=2", "--set", "train.learning_rate=2.0e-3", "-
 @pytest.mark.parametrize("how", ["gguf-file", "builtin"])
 def test_lora_sft_on_smollm2_merges_and_plain_transformers_answers(smollm2_gguf, tmp_path, run_cli, how):
     run, merged, facts = tmp_path / "run", tmp_path / "merged", tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                             + "\n" for q, a in FACT_ROWS))
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in FACT_ROWS]
+    facts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     path = str(smollm2_gguf) if how == "gguf-file" else "builtin:smollm2-135m-instruct"
     code, out, err = run_cli("train", "recipes/real/sft-lora.yaml", "--set", f"model.path={path}", "--set",
                              f"train.output_dir={run}", "--set", f"data.train=[{{source: {facts}, format: messages}}]",
