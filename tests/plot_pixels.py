@@ -1,4 +1,4 @@
-"""Read back what a PNG plot draws, to check that a report's plot shows the run's numbers (not just that an image exists).
+"""Read back what a PNG plot draws: that a report's plot shows the run's numbers, not just that an image exists.
 
 The curve is found by its colour (matplotlib's first line colour by default), one mean pixel row per pixel column; its
 columns are mapped linearly onto the series' steps (the first and last points are the curve's ends) and the series,
