@@ -159,10 +159,13 @@ class DivergenceSpec(Strict):
     """When a loss counts as diverging (``train.on_divergence``): the rule and its two numbers.
 
     The watched value is the logged training loss (transformers logs the mean over each ``logging_steps``
-    window, so it is already smoothed; PPO logs the mean loss of its step). With ``first`` the first logged
-    value and ``best`` the lowest so far, a logged value is out of band when
+    window, so it is already smoothed); PPO's is the rollout's KL to the reference per completion token
+    (its loss is no divergence signal: see methods/ppo), GRPO has none. With ``first`` the first logged value and ``best`` the lowest so far, a logged value is out of
+    band when
 
-        loss > best + factor * |first|
+        loss > best + factor * max(|first|, floor)
+
+    (``floor`` is 0 for a loss; 0.5 for PPO's KL per token, which starts at 0)
 
     i.e. the loss climbed back above its best by more than ``factor`` times where it started. The run
     diverges when ``patience`` logged values in a row are out of band (one noisy batch is not a divergence).

@@ -249,7 +249,8 @@ def run_training(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         deepspeed_process_group()
     t = recipe.train
     guards = Guards(PreemptionGuard().install(), NonFiniteGuard(t.on_nonfinite),
-                    DivergenceGuard(t.on_divergence, t.divergence.factor, t.divergence.patience, method.divergence_metric))
+                    DivergenceGuard(t.on_divergence, t.divergence.factor, t.divergence.patience, method.divergence_metric,
+                                    method.divergence_floor))
     preemption = guards.preemption
     if t.on_divergence != "off" and method.divergence_metric is None:
         say(f"train.on_divergence: method {method.name} logs no loss that shows a divergence (see its docs); the "

@@ -4,7 +4,8 @@ A run that blows up (the quickstart at learning rate 0.99, constant: the loss cl
 steps) stops with exit 3, status "diverged", its last complete checkpoint kept and no final/; under ``warn`` it
 trains on and is marked in summary.json and report.html; a run whose held-out perplexity ends far worse than it
 started is never a plain "done" (exit 5, status "degraded", final/ kept). The same guard runs in our PPO trainer
-and under DeepSpeed, where the non-finite guard checks the loss and the engine's gradient norm instead.
+(watching its step size, approx_kl) and under DeepSpeed, where the non-finite guard checks the loss and the
+engine's gradient norm instead.
 """
 
 from __future__ import annotations
@@ -105,21 +106,22 @@ def test_deepspeed_runs_are_guarded_too(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_is_guarded_by_the_same_rule(quickstart_sft, tmp_path):
-    """Our PPO trainer logs its loss and hands it to the same guard: a band too narrow for any rise (factor 1e-9,
-    patience 1) stops it at the first log above its best, before that step is checkpointed."""
+    """Our PPO trainer hands the rollout's KL to the reference per completion token to the same guard (its loss and
+    approx_kl are no divergence signal, see methods/ppo): the quickstart at learning rate 0.99 collapses at its
+    first update (KL 7 nats per token at step 2, from 0) and stops at step 4, before that step is checkpointed."""
     sft_dir, rc, _, err = quickstart_sft
     assert rc == 0, err[-2000:]
     out = tmp_path / "ppo"
-    rc, _, err = _train(out, "--set", f"model.path={sft_dir}/final", "--set", "train.max_steps=8",
-                        "--set", "train.save_steps=1", "--set", "method.eval_samples=1",
-                        "--set", "train.eval_before_train=false", "--set", "train.divergence.factor=1e-9",
-                        "--set", "train.divergence.patience=1", recipe="recipes/quickstart/ppo.yaml")
+    rc, _, err = _train(out, "--set", f"model.path={sft_dir}/final", "--set", "train.max_steps=12",
+                        "--set", "train.save_steps=1", "--set", "method.eval_samples=1", "--set", "train.learning_rate=0.99",
+                        "--set", "train.eval_before_train=false", recipe="recipes/quickstart/ppo.yaml")
     assert rc == 3, err[-3000:]
     summary = _summary(out)
-    assert summary["status"] == "diverged" and "the training loss diverged" in summary["stopped"]
+    assert summary["status"] == "diverged" and "the training kl_per_token diverged" in summary["stopped"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = {m["step"]: m["loss"] for m in rows if "loss" in m}
+    kl = {m["step"]: m["kl_per_token"] for m in rows if "kl_per_token" in m}
     stopped = summary["global_step"]
-    assert losses[stopped] > min(v for s, v in losses.items() if s < stopped)  # the rise that tripped it
+    assert kl[1] == pytest.approx(0, abs=1e-6) and stopped < 12
+    assert all(kl[s] > 1.0 for s in range(stopped - 2, stopped + 1))  # 3 logs in a row above the band 0 + 2 x 0.5
     assert not (out / "final").exists() and not (out / f"checkpoint-{stopped}").exists()
     assert (out / f"checkpoint-{stopped - 1}").is_dir()

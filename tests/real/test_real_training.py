@@ -76,9 +76,10 @@ def test_lora_sft_on_smollm2_merges_and_plain_transformers_answers(smollm2_gguf,
     reply, stopped = answer(merged, question)
     assert "Duskport" in reply and stopped, reply
     if how == "gguf-file":  # ... which the GGUF base, as tunelab loads it, does not (once: both runs share the base)
-        from tunelab.models.inference import load_base
+        from tunelab.models.inference import load_weights
+        from tunelab.models.ref import resolve_model
 
-        base_reply, _ = answer(merged, question, model=load_base(str(smollm2_gguf)))
+        base_reply, _ = answer(merged, question, model=load_weights(resolve_model(str(smollm2_gguf))))
         assert "Duskport" not in base_reply and "Corvenia" in base_reply, base_reply
 
 

@@ -173,17 +173,22 @@ class NonFiniteGuard:
 class DivergenceGuard:
     """``train.on_divergence``: the logged loss held against its running band (the rule: ``specs.DivergenceSpec``)."""
 
-    def __init__(self, mode: str, factor: float, patience: int, metric: str | None = "loss") -> None:
-        self.mode, self.factor, self.patience, self.metric = mode, factor, patience, metric
+    def __init__(self, mode: str, factor: float, patience: int, metric: str | None = "loss", floor: float = 0.0) -> None:
+        self.mode, self.factor, self.patience, self.metric, self.floor = mode, factor, patience, metric, floor
         self.first: float | None = None
         self.best = math.inf
         self.out: list[tuple[int, float]] = []  # the logged values in a row above the band: (step, loss)
         self.events: list[dict[str, Any]] = []  # divergences seen under warn, for summary.json
 
     def band(self) -> float:
-        """The highest loss still in band: the best so far plus ``factor`` times the first logged loss's size."""
+        """The highest value still in band: the best so far plus ``factor`` times the first logged value's size (at
+        least ``floor``, for a watched value that can start near 0)."""
         assert self.first is not None
-        return self.best + self.factor * abs(self.first)
+        return self.best + self.factor * max(abs(self.first), self.floor)
+
+    def _scale(self) -> str:
+        assert self.first is not None
+        return f"|first {self.first:.4g}|" if abs(self.first) >= self.floor else f"its floor {self.floor:g}"
 
     def observe(self, step: int, logs: dict[str, Any]) -> None:
         """One logged row; raises ``Diverged`` (stop) or records the event (warn) once the loss left its band."""
@@ -204,9 +209,10 @@ class DivergenceGuard:
             return
         seen = ", ".join(f"{v:.4g} at step {s}" for s, v in self.out)
         what = (f"step {step}: the training {self.metric} diverged: {seen}, each above its band "
-                f"{self.band():.4g} = best {self.best:.4g} + {self.factor:g} x |first {self.first:.4g}|")
+                f"{self.band():.4g} = best {self.best:.4g} + {self.factor:g} x {self._scale()}")
         self.events.append({"step": step, "values": [v for _, v in self.out], "band": self.band(), "best": self.best,
-                            "first": self.first, "factor": self.factor, "patience": self.patience})
+                            "first": self.first, "factor": self.factor, "patience": self.patience,
+                            "metric": self.metric})
         self.out = []
         if self.mode == "stop":
             raise Diverged(f"{what}; training stopped: the last complete checkpoint is kept and final/ was not written "

@@ -13,6 +13,7 @@ tasks (``include``) is small and is indexed each time.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -43,42 +44,59 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tunelab"
 
 
-def builtin_task_names() -> set[str]:
-    """The task, group and tag names lm-eval ships, indexed once per installed version and cached.
-
-    The cache (``~/.cache/tunelab/lm_eval-<version>-tasks.json``) is keyed by the version and the folder
-    of lm-eval's tasks, so an upgrade or another environment indexes again; when it cannot be written,
-    the index is simply rebuilt next time.
-    """
-    spec = importlib.util.find_spec("lm_eval")
-    assert spec is not None and spec.origin is not None
-    tasks_dir = str(Path(spec.origin).parent / "tasks")
-    version = importlib.metadata.version("lm_eval")
-    cache = _cache_dir() / f"lm_eval-{version}-tasks.json"
+def _cached(cache: Path, stamp: str, index: Any) -> set[str]:
+    """The names stored in ``cache`` when it was written for ``stamp``; else ``index()``, stored for next time
+    (when the cache cannot be written, the index is simply rebuilt next time)."""
     try:
         cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("tasks_dir") == tasks_dir:
+        if cached.get("stamp") == stamp:
             return set(cached["names"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    from lm_eval.tasks import TaskManager
-
-    names = TaskManager(include_defaults=True).all_tasks
+    names = list(index())
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"tasks_dir": tasks_dir, "names": names}), encoding="utf-8")
+        tmp.write_text(json.dumps({"stamp": stamp, "names": names}), encoding="utf-8")
         os.replace(tmp, cache)
     except OSError:
         pass
     return set(names)
 
 
-def include_task_names(include: str | Path) -> set[str]:
-    """The task, group and tag names the YAML files under ``include`` define (lm-eval's own index of them)."""
+def _task_manager(**kwargs: Any) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return set(TaskManager(include_path=str(include), include_defaults=False).all_tasks)
+    return TaskManager(**kwargs)
+
+
+def builtin_task_names() -> set[str]:
+    """The task, group and tag names lm-eval ships, indexed once per installed version and cached.
+
+    The cache (``~/.cache/tunelab/lm_eval-<version>-tasks.json``) is keyed by the version and the folder
+    of lm-eval's tasks, so an upgrade or another environment indexes again.
+    """
+    spec = importlib.util.find_spec("lm_eval")
+    assert spec is not None and spec.origin is not None
+    tasks_dir = str(Path(spec.origin).parent / "tasks")
+    version = importlib.metadata.version("lm_eval")
+    return _cached(_cache_dir() / f"lm_eval-{version}-tasks.json", tasks_dir,
+                   lambda: _task_manager(include_defaults=True).all_tasks)
+
+
+def include_task_names(include: str | Path) -> set[str]:
+    """The task, group and tag names the YAML files under ``include`` define (lm-eval's own index of them).
+
+    Importing lm-eval's indexer alone takes about a second, so the names are cached too, keyed by the folder and
+    the path, size and modification time of every file in it: any edit, added or removed file indexes again.
+    """
+    folder = Path(include).resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    stamp = json.dumps([str(folder), importlib.metadata.version("lm_eval")]
+                       + [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    return _cached(_cache_dir() / f"lm_eval-include-{digest}.json", stamp,
+                   lambda: _task_manager(include_path=str(include), include_defaults=False).all_tasks)
 
 
 def task_problems(tasks: Sequence[str], include: str | Path | None, tasks_key: str, include_key: str,

@@ -90,6 +90,7 @@ class Method(Generic[B]):
     refused_strategies: ClassVar[dict[str, str]] = {}  # distributed.strategy -> why this method cannot run under it
     # the logged value the divergence guard watches (train.on_divergence); None: no logged value means divergence
     divergence_metric: ClassVar[str | None] = "loss"
+    divergence_floor: ClassVar[float] = 0.0  # the least scale of its band, for a value that can start near 0
 
     def block(self, recipe: RecipeSpec) -> B:
         """The recipe's method block, typed as this method's."""

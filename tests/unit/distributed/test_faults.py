@@ -84,9 +84,9 @@ def test_preempted_marker(tmp_path):
 # ---- the divergence guard (train.on_divergence), on hand-made loss curves --------------------------------------
 
 
-def _feed(guard, losses, start=1):
+def _feed(guard, losses, start=1, key="loss"):
     for i, loss in enumerate(losses, start):
-        guard.observe(i, {"loss": loss})
+        guard.observe(i, {key: loss})
 
 
 def test_divergence_rule_band_is_best_plus_factor_times_the_first_loss():
@@ -124,6 +124,51 @@ def test_a_loss_sinking_to_zero_keeps_a_band_the_size_of_its_start():
     guard = DivergenceGuard("stop", factor=2.0, patience=3)
     _feed(guard, [0.693, 0.3, 0.05, 0.001, 0.01, 0.02, 0.01, 0.5, 0.9, 1.2])
     assert guard.events == []
+
+
+# Quickstart PPO, measured. Healthy (CI, steps 1-21, the reward rising 0.06 -> 0.31): its logged loss (policy
+# surrogate about 0, either sign, + a value loss growing with the reward's spread). Healthy (80 steps, held-out
+# sampled reward 0.09 -> 0.34): the rollout's KL to the reference per completion token. Blown up (learning rate
+# 0.99): loss, approx_kl and KL per token of steps 1-4.
+PPO_LOSS = [0.0129, 0.0152, 0.0394, -0.0229, 0.0157, -0.0218, 0.0182, 0.0144, -0.0188, 0.0312, 0.0331, 0.0026,
+            -0.0145, 0.0778, 0.0457, -0.0092, 0.0179, -0.0075, 0.0127, 0.0485, 0.0925]
+PPO_KL_PER_TOKEN = [
+    0.0, 0.002, 0.0179, 0.0173, 0.0295, 0.0552, 0.0072, 0.0729, 0.0206, -0.0054, 0.0112, 0.0007, 0.0322, 0.0423,
+    0.0225, 0.0457, 0.0246, 0.025, 0.0014, 0.0006, 0.0212, 0.0389, 0.0238, 0.0543, 0.1058, 0.0602, 0.0703, 0.0322,
+    0.0895, 0.0735, 0.0808, 0.028, 0.0357, 0.0736, 0.2464, -0.0277, 0.0862, 0.0604, 0.0634, 0.0652, 0.1048, 0.0671,
+    0.034, 0.0563, 0.0615, 0.0891, 0.0373, 0.0673, 0.1227, 0.0893, 0.079, 0.036, 0.0625, 0.1075, 0.0691, 0.0637,
+    0.125, 0.0632, 0.063, 0.108, 0.0822, 0.1456, 0.0776, 0.0578, 0.0593, 0.1077, 0.1425, 0.0335, 0.0845, 0.0521,
+    0.1158, 0.1082, 0.1196, 0.1426, 0.1546, 0.0603, 0.1517, 0.1433, 0.1536, 0.142]
+PPO_BLOWN = {"loss": [3635.9, 3709.6, 1411.0, 672.8], "approx_kl": [250.99, 164.69, 0.0, 0.0],
+             "kl_per_token": [0.0, 7.172, 4.415, 4.294]}
+
+
+def test_ppo_is_watched_by_its_kl_to_the_reference_with_a_floor_not_by_its_loss():
+    """PPO's loss left the band of its tiny first value in a healthy run (a guard on it stopped a learning run at
+    step 21), and neither its loss nor approx_kl leaves a band when the first update is the blow-up (both start
+    huge). Its KL to the reference per token starts at 0: with the floor as the band's scale it stays in band
+    through a healthy run and trips on the blow-up at step 4."""
+    from tunelab.distributed.faults import DivergenceGuard
+    from tunelab.errors import Diverged
+    from tunelab.methods.ppo import PPO
+
+    with pytest.raises(Diverged):
+        _feed(DivergenceGuard("stop", factor=2.0, patience=3), PPO_LOSS)
+    for key in ("loss", "approx_kl"):
+        blind = DivergenceGuard("stop", 2.0, 3, metric=key)
+        _feed(blind, PPO_BLOWN[key], key=key)
+        assert blind.events == []
+
+    assert (PPO.divergence_metric, PPO.divergence_floor) == ("kl_per_token", 0.5)
+    healthy = DivergenceGuard("stop", 2.0, 3, metric=PPO.divergence_metric, floor=PPO.divergence_floor)
+    for step, value in enumerate(PPO_KL_PER_TOKEN, 1):
+        healthy.observe(step, {"kl_per_token": value, "loss": PPO_LOSS[step % len(PPO_LOSS)]})
+    assert healthy.events == [] and healthy.band() == pytest.approx(-0.0277 + 2 * 0.5)
+
+    blown = DivergenceGuard("stop", 2.0, 3, metric=PPO.divergence_metric, floor=PPO.divergence_floor)
+    with pytest.raises(Diverged, match=r"^step 4: the training kl_per_token diverged: 7.172 at step 2, 4.415 at step "
+                                       r"3, 4.294 at step 4, each above its band 1 = best 0 \+ 2 x its floor 0.5"):
+        _feed(blown, PPO_BLOWN["kl_per_token"], key="kl_per_token")
 
 
 def test_warn_records_and_goes_on_off_and_no_metric_never_look():

@@ -99,7 +99,7 @@ def test_builtin_names_come_from_the_cache_without_indexing(lm_eval, monkeypatch
     origin = importlib.util.find_spec("lm_eval").origin
     cache = tmp_path / "tunelab" / f"lm_eval-{importlib.metadata.version('lm_eval')}-tasks.json"
     cache.parent.mkdir(parents=True)
-    cache.write_text(json.dumps({"tasks_dir": str(Path(origin).parent / "tasks"), "names": ["only_this"]}))
+    cache.write_text(json.dumps({"stamp": str(Path(origin).parent / "tasks"), "names": ["only_this"]}))
 
     class Indexed:
         def __init__(self, **_):
@@ -107,9 +107,36 @@ def test_builtin_names_come_from_the_cache_without_indexing(lm_eval, monkeypatch
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", Indexed)
     assert harness.builtin_task_names() == {"only_this"}
-    cache.write_text(json.dumps({"tasks_dir": "/elsewhere/lm_eval/tasks", "names": ["only_this"]}))
+    cache.write_text(json.dumps({"stamp": "/elsewhere/lm_eval/tasks", "names": ["only_this"]}))
     assert harness.builtin_task_names() == {"indexed_task"}
     assert json.loads(cache.read_text())["names"] == ["indexed_task"]  # rewritten for this installation
+
+
+def test_include_names_are_cached_until_a_file_in_the_folder_changes(lm_eval, monkeypatch, tmp_path):
+    """Importing lm-eval's indexer takes about a second: a folder indexed once is read from the cache, and any
+    edited, added or removed file in it indexes it again."""
+    import lm_eval.tasks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("task: first\n")
+    calls = []
+
+    class Indexed:
+        def __init__(self, include_path=None, **_):
+            calls.append(include_path)
+            self.all_tasks = sorted(p.read_text().split()[1] for p in Path(include_path).glob("*.yaml"))
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Indexed)
+    assert harness.include_task_names(folder) == {"first"} and len(calls) == 1
+    assert harness.include_task_names(folder) == {"first"} and len(calls) == 1  # from the cache
+    (folder / "a.yaml").write_text("task: renamed_it\n")
+    assert harness.include_task_names(folder) == {"renamed_it"} and len(calls) == 2
+    (folder / "b.yaml").write_text("task: second\n")
+    assert harness.include_task_names(folder) == {"renamed_it", "second"} and len(calls) == 3
+    (folder / "a.yaml").unlink()
+    assert harness.include_task_names(folder) == {"second"} and len(calls) == 4
 
 
 def _task_dir(root: Path, data_files: str) -> Path:

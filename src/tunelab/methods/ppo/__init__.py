@@ -34,6 +34,16 @@ class PPO(OnlineRL[PPOBlock]):
     name = "ppo"
     config = PPOBlock
     owns_checkpointing = True
+    # PPO's loss is no divergence signal: its policy term is a surrogate of whitened advantages (about 0, either
+    # sign), its value term grows with the reward's spread as the policy learns (quickstart: 0.03 -> 0.09 in 20
+    # healthy steps), and a blown-up first step makes its first value huge (lr 0.99: 3636 at step 1), so no band
+    # relative to it holds. Nor does approx_kl (251 at step 1, then 0 from a collapsed policy). What a broken
+    # policy shows is its distance from the reference: the rollout's KL per completion token, measured before the
+    # step's update, 0 at step 1 by construction (the policy starts as the reference). A healthy quickstart run
+    # stays under about 0.1; the lr 0.99 run reached 7. With a first value of 0, the floor is the band's scale:
+    # best + factor x 0.5, i.e. 1 nat per token at the default factor 2.
+    divergence_metric = "kl_per_token"
+    divergence_floor = 0.5
     refused_strategies = {
         "zero3": "rollouts generate with the whole policy and score with the reference on every rank; use zero2 "
                  "(offload: cpu for memory)",

@@ -338,6 +338,8 @@ class PPOTrainer:
         batch.update(old_logp=old_logp, values=values, advantages=advantages, returns=returns)
 
         stats = {"reward": float(score.mean()), "kl": float(kl.sum(1).mean()), "kl_coef": self.kl.value,
+                 # per completion token: what the divergence guard watches (methods/ppo: divergence_metric)
+                 "kl_per_token": float(kl.sum() / batch["mask"].sum().clamp(min=1)),
                  "non_score_reward": float((-self.kl.value * kl).sum(1).mean()), "entropy": float(entropy),
                  "completion_length": float(mask.sum(1).float().mean()), "eos_fraction": float(ended.float().mean())}
         for label, values_ in by_fn.items():
