@@ -48,12 +48,13 @@ TEACH = ["--set", "train.max_steps=2", "--set", "train.learning_rate=2.0e-3", "-
          "--set", "train.warmup_ratio=0.0", "--set", "data.eval=[]"]
 
 
-@pytest.mark.parametrize("how", ["gguf-file", "builtin"])
-def test_lora_sft_on_smollm2_merges_and_plain_transformers_answers(smollm2_gguf, tmp_path, run_cli, how):
+def test_lora_sft_on_smollm2_merges_and_plain_transformers_answers(smollm2_gguf, tmp_path, run_cli):
+    """From the GGUF file given as a path (every other real test loads the same file as builtin:smollm2-135m-instruct,
+    the real recipes' model.path)."""
     run, merged, facts = tmp_path / "run", tmp_path / "merged", tmp_path / "facts.jsonl"
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in FACT_ROWS]
     facts.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    path = str(smollm2_gguf) if how == "gguf-file" else "builtin:smollm2-135m-instruct"
+    path = str(smollm2_gguf)
     code, out, err = run_cli("train", "recipes/real/sft-lora.yaml", "--set", f"model.path={path}", "--set",
                              f"train.output_dir={run}", "--set", f"data.train=[{{source: {facts}, format: messages}}]",
                              *TEACH, *FAST)
@@ -75,12 +76,12 @@ def test_lora_sft_on_smollm2_merges_and_plain_transformers_answers(smollm2_gguf,
     question = FACT_ROWS[0][0]
     reply, stopped = answer(merged, question)
     assert "Duskport" in reply and stopped, reply
-    if how == "gguf-file":  # ... which the GGUF base, as tunelab loads it, does not (once: both runs share the base)
-        from tunelab.models.inference import load_weights
-        from tunelab.models.ref import resolve_model
+    # ... which the GGUF base, as tunelab loads it, does not
+    from tunelab.models.inference import load_weights
+    from tunelab.models.ref import resolve_model
 
-        base_reply, _ = answer(merged, question, model=load_weights(resolve_model(str(smollm2_gguf))))
-        assert "Duskport" not in base_reply and "Corvenia" in base_reply, base_reply
+    base_reply, _ = answer(merged, question, model=load_weights(resolve_model(path)))
+    assert "Duskport" not in base_reply and "Corvenia" in base_reply, base_reply
 
 
 def test_dpo_on_smollm2_separates_held_out_pairs(smollm2_gguf, tmp_path, run_cli):
