@@ -160,8 +160,8 @@ class DivergenceSpec(Strict):
 
     The watched value is the logged training loss (transformers logs the mean over each ``logging_steps``
     window, so it is already smoothed); PPO's is the rollout's KL to the reference per completion token
-    (its loss is no divergence signal: see methods/ppo), GRPO has none. With ``first`` the first logged value and ``best`` the lowest so far, a logged value is out of
-    band when
+    (its loss is no divergence signal: see methods/ppo), GRPO has none. With ``first`` the first logged
+    value and ``best`` the lowest so far, a logged value is out of band when
 
         loss > best + factor * max(|first|, floor)
 

@@ -113,7 +113,8 @@ def test_ppo_is_guarded_by_the_same_rule(quickstart_sft, tmp_path):
     assert rc == 0, err[-2000:]
     out = tmp_path / "ppo"
     rc, _, err = _train(out, "--set", f"model.path={sft_dir}/final", "--set", "train.max_steps=12",
-                        "--set", "train.save_steps=1", "--set", "method.eval_samples=1", "--set", "train.learning_rate=0.99",
+                        "--set", "train.save_steps=1", "--set", "method.eval_samples=1",
+                        "--set", "train.learning_rate=0.99",
                         "--set", "train.eval_before_train=false", recipe="recipes/quickstart/ppo.yaml")
     assert rc == 3, err[-3000:]
     summary = _summary(out)

@@ -173,7 +173,8 @@ class NonFiniteGuard:
 class DivergenceGuard:
     """``train.on_divergence``: the logged loss held against its running band (the rule: ``specs.DivergenceSpec``)."""
 
-    def __init__(self, mode: str, factor: float, patience: int, metric: str | None = "loss", floor: float = 0.0) -> None:
+    def __init__(self, mode: str, factor: float, patience: int, metric: str | None = "loss",
+                 floor: float = 0.0) -> None:
         self.mode, self.factor, self.patience, self.metric, self.floor = mode, factor, patience, metric, floor
         self.first: float | None = None
         self.best = math.inf

@@ -104,7 +104,8 @@ def read_header(f: Path) -> dict[str, Any]:
             fh.seek(8, 1)  # offset
         if len(fh.read(1)) == 0 and n_tensors:
             raise ValueError("the file ends inside its header")
-    return {"architecture": wanted["general.architecture"], "name": wanted["general.name"], "tensor_types": sorted(types)}
+    return {"architecture": wanted["general.architecture"], "name": wanted["general.name"],
+            "tensor_types": sorted(types)}
 
 
 def gguf_problems(f: Path, key: str = "model.path") -> list[Problem]:
